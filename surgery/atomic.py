@@ -1,0 +1,42 @@
+"""Outputs appear whole or not at all: build in a temporary sibling, rename when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a fresh temporary folder next to `out`; on success it becomes `out`, on any error it is removed."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SurgeryError(f"{out}: already exists (choose another path or pass --overwrite)")
+    if not out.parent.exists():
+        raise SurgeryError(f"{out.parent}: parent folder does not exist")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)

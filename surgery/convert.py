@@ -1,0 +1,189 @@
+"""Convert: stream a dense checkpoint layer by layer into the native MoE format.
+
+Only one layer's FFN (and the expert tensors made from it) is in memory at a time: the output header is
+planned from shapes alone, then tensors are written in order as they are produced.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import surgery
+from surgery.atomic import atomic_dir
+from surgery.checkpoint import TensorSource, ffn_names, file_hash, open_folder, open_gguf
+from surgery.cluster import FFNWeights, balanced_sizes, check_partition, get_method
+from surgery.config import MoEConfig
+from surgery.errors import SurgeryError
+from surgery.factorize import permutation, split_ffn
+from surgery.modeling import copy_tokenizer_files, moe_tensor_names, parse_dtype
+from surgery.router import ROUTER_INITS, RoutingConfig
+from surgery.safetensors_io import ShardedWriter, TensorSpec, parse_size
+
+
+@dataclass
+class ConvertConfig:
+    experts: int
+    top_k: int
+    shared_experts: int = 0
+    method: str = "random"
+    seed: int = 0
+    router_init: str = "centroid"
+    score_func: str = "softmax"
+    renormalize: bool = True
+    scale: float | None = None  # None: top_k (selected experts keep their dense weight on average)
+    dtype: str | None = None  # None: keep the checkpoint's dtype
+    max_shard_size: str = "5GB"
+    stats: dict = field(default_factory=dict, repr=False)  # per-layer profiling statistics, for data methods
+
+    def routing(self) -> RoutingConfig:
+        scale = float(self.top_k) if self.scale is None else float(self.scale)
+        return RoutingConfig(self.top_k, self.score_func, self.renormalize, scale)
+
+    def validate(self, width: int) -> None:
+        if self.experts < 1:
+            raise SurgeryError(f"--experts {self.experts}: must be at least 1")
+        if self.shared_experts < 0:
+            raise SurgeryError(f"--shared-experts {self.shared_experts}: must be 0 or more")
+        self.routing().validate(self.experts)
+        groups = self.experts + self.shared_experts
+        if groups > width:
+            raise SurgeryError(f"--experts {self.experts} + --shared-experts {self.shared_experts} = {groups} "
+                               f"exceeds the FFN width {width}: every expert needs at least one neuron")
+        get_method(self.method)
+        if self.router_init not in ROUTER_INITS:
+            raise SurgeryError(f"--router-init {self.router_init!r}: choose from {', '.join(ROUTER_INITS)}")
+        parse_size(self.max_shard_size)
+
+
+def plan_moe_config(cfg: ConvertConfig, width: int) -> tuple[MoEConfig, list[int]]:
+    """Group sizes (shared groups first) and the MoEConfig they imply. Unequal widths are allowed: when E+S
+    does not divide the FFN width, sizes differ by one and narrower experts are zero-padded."""
+    sizes = balanced_sizes(width, cfg.experts + cfg.shared_experts)
+    # Larger groups first, so shared groups (first) are never the narrow ones.
+    moe = MoEConfig(num_experts=cfg.experts, routing=cfg.routing(), expert_sizes=sizes[cfg.shared_experts:],
+                    shared_experts=cfg.shared_experts, shared_width=sum(sizes[:cfg.shared_experts]),
+                    method=cfg.method, seed=cfg.seed, router_init=cfg.router_init, version=surgery.__version__)
+    return moe, sizes
+
+
+def convert_layer(ffn: FFNWeights, cfg: ConvertConfig, sizes: list[int], layer: int, moe: MoEConfig):
+    """One FFN -> (tensors in moe_tensor_names order, permutation)."""
+    method = get_method(cfg.method)
+    groups = method(ffn, sizes, seed=cfg.seed * 100_003 + layer, stats=cfg.stats.get(layer), shared=cfg.shared_experts)
+    check_partition(groups, sizes, ffn.width)
+    parts = split_ffn(ffn, groups, cfg.shared_experts, moe.expert_width)
+    router = ROUTER_INITS[cfg.router_init](ffn.gate, groups[cfg.shared_experts:]).to(ffn.gate.dtype)
+    tensors = [router, parts["gate"], parts["up"], parts["down"]]
+    if cfg.shared_experts:
+        tensors += [parts["shared_gate"], parts["shared_up"], parts["shared_down"]]
+    return tensors, permutation(groups)
+
+
+def _open(src: Path):
+    if src.is_file() and src.suffix.lower() == ".gguf":
+        source, _, tokenizer = open_gguf(src)
+        return source, tokenizer
+    if not src.exists():
+        raise SurgeryError(f"{src}: no such file or directory")
+    if src.is_file():
+        raise SurgeryError(f"{src}: expected a model folder or a .gguf file")
+    return open_folder(src), None
+
+
+def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert `src` (folder or .gguf) into a native MoE folder at `out`. Returns a summary dict."""
+    t0 = time.time()
+    src, out = Path(src), Path(out)
+    source, gguf_tokenizer = _open(src)
+    base = source.config
+    width, layers = base["intermediate_size"], base["num_hidden_layers"]
+    cfg.validate(width)
+    dtype = parse_dtype(cfg.dtype) or source.dtype
+    moe, sizes = plan_moe_config(cfg, width)
+    moe.source = str(src)
+    moe.source_hash = file_hash([src] if src.is_file() else source.files + [src / "config.json"])
+
+    specs, producers = _plan(source, moe, dtype)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, specs, parse_size(cfg.max_shard_size))
+        moe.permutations = [[] for _ in range(layers)]
+        pending: dict[str, torch.Tensor] = {}
+        bar = tqdm(total=layers, desc="converting layers", unit="layer", disable=not progress)
+        for spec in writer.order:
+            layer = producers.get(spec.name)
+            if layer is None:
+                t = source.get(spec.name)
+            else:
+                if spec.name not in pending:
+                    names = ffn_names(layer)
+                    ffn = FFNWeights(*(source.get(names[p]) for p in ("gate_proj", "up_proj", "down_proj")))
+                    tensors, perm = convert_layer(ffn, cfg, sizes, layer, moe)
+                    moe.permutations[layer] = perm
+                    pending = dict(zip(moe_tensor_names(layer, bool(cfg.shared_experts)), tensors))
+                    bar.update(1)
+                t = pending.pop(spec.name)
+            writer.write(spec.name, t.to(dtype) if t.is_floating_point() else t)
+        bar.close()
+        writer.close()
+        config = dict(base)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("quantization_config", None)
+        config.pop("torch_dtype", None)
+        config["surgery"] = moe.to_dict()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if gguf_tokenizer is not None:
+            gguf_tokenizer.save_pretrained(str(tmp))
+        else:
+            copy_tokenizer_files(src, tmp)
+    return {
+        "output": str(out),
+        "source": str(src),
+        "experts": cfg.experts,
+        "top_k": cfg.top_k,
+        "shared_experts": cfg.shared_experts,
+        "method": cfg.method,
+        "expert_sizes": moe.expert_sizes,
+        "active_ffn_fraction": round(moe.active_ffn_fraction, 6),
+        "checkpoint_bytes": source.total_bytes(),
+        "output_bytes": writer.total_bytes,
+        "shards": len(writer.names),
+        "seconds": round(time.time() - t0, 2),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def _plan(source: TensorSource, moe: MoEConfig, dtype: torch.dtype):
+    """Output tensor specs in writing order, and which of them come from which layer's FFN."""
+    cfg = source.config
+    D = cfg["hidden_size"]
+    E, F, S = moe.num_experts, moe.expert_width, moe.shared_width
+    tied = cfg.get("tie_word_embeddings", False)
+    ffn_to_layer = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for name in ffn_names(layer).values():
+            ffn_to_layer[name] = layer
+    specs, producers = [], {}
+    for name in source.keys():
+        if tied and name == "lm_head.weight":
+            continue
+        info = source.infos[name]
+        layer = ffn_to_layer.get(name)
+        if layer is None:
+            specs.append(TensorSpec(name, info.shape, dtype if info.dtype.is_floating_point else info.dtype))
+        elif name.endswith("gate_proj.weight"):
+            shapes = [(E, D), (E, F, D), (E, F, D), (E, D, F)] + ([(S, D), (S, D), (D, S)] if S else [])
+            for n, shape in zip(moe_tensor_names(layer, bool(S)), shapes):
+                specs.append(TensorSpec(n, shape, dtype))
+                producers[n] = layer
+    return specs, producers
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -1,0 +1,47 @@
+"""Parameter accounting: total and per-token active parameters, experts per layer and their sizes."""
+
+from __future__ import annotations
+
+from surgery.moe import moe_blocks
+
+
+def model_info(model) -> dict:
+    cfg = model.config
+    seen, total = set(), 0
+    for p in model.parameters():  # tied weights counted once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    moe = getattr(model, "surgery_config", None)
+    info = {
+        "architecture": type(model).__name__,
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_width": cfg.intermediate_size,
+        "total_parameters": total,
+        "active_parameters": total,
+        "active_ffn_fraction": 1.0,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    if moe is None:
+        return info
+    D = cfg.hidden_size
+    # Per token, a layer uses K of E routed experts (padding neurons excluded: they do no work).
+    idle_per_layer = 3 * D * sum(moe.expert_sizes) * (1 - moe.top_k / moe.num_experts)
+    padding = sum(3 * D * (moe.expert_width - n) for n in moe.expert_sizes) * len(moe_blocks(model))
+    info.update(
+        experts=moe.num_experts,
+        top_k=moe.top_k,
+        shared_experts=moe.shared_experts,
+        shared_width=moe.shared_width,
+        expert_sizes=moe.expert_sizes,
+        padding_parameters=padding,
+        active_parameters=int(total - padding - idle_per_layer * len(moe_blocks(model))),
+        active_ffn_fraction=round(moe.active_ffn_fraction, 6),
+        routing=moe.routing.to_dict(),
+        method=moe.method,
+        source=moe.source,
+        source_hash=moe.source_hash,
+    )
+    return info

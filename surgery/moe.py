@@ -1,0 +1,106 @@
+"""Run: the MoE block that replaces a Llama FFN.
+
+Shape legend: T tokens, D hidden, E routed experts, F expert width (padded to the largest expert),
+S shared width, K top-k.
+
+Experts are stored stacked, as the kernels and the stock MoE formats want them:
+    experts.gate_proj [E, F, D], experts.up_proj [E, F, D], experts.down_proj [E, D, F]
+An expert narrower than F is padded with zero neurons (zero gate and up rows, zero down column), which add
+exactly nothing and receive zero gradient. The optional shared expert is one always-on SwiGLU of width S.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from surgery.router import RoutingConfig
+
+
+class SwiGLU(nn.Module):
+    """A Llama FFN: down(silu(gate(x)) * up(x)). Used for the shared expert."""
+
+    def __init__(self, hidden: int, width: int, dtype=None, device=None):
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(hidden, width, **kw)
+        self.up_proj = nn.Linear(hidden, width, **kw)
+        self.down_proj = nn.Linear(width, hidden, **kw)
+
+    def forward(self, x):
+        return self.down_proj(Fn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def weights(self):
+        return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, width: int, hidden: int, dtype=None, device=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, width, hidden, **kw))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, width, hidden, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width, **kw))
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, hidden: int, num_experts: int, expert_width: int, shared_width: int,
+                 routing: RoutingConfig, dtype=None, device=None):
+        super().__init__()
+        self.hidden, self.num_experts, self.expert_width = hidden, num_experts, expert_width
+        self.routing = routing
+        self.router = nn.Linear(hidden, num_experts, bias=False, dtype=dtype, device=device)
+        self.experts = Experts(num_experts, expert_width, hidden, dtype, device)
+        self.shared_expert = SwiGLU(hidden, shared_width, dtype, device) if shared_width else None
+        # Every expert on with weight 1: computes exactly the dense FFN it was cut from (the core invariant).
+        self.dense_routing = False
+        self.impl = "auto"  # "auto" (Triton on GPU when available), "triton" or "reference"
+        self.last_router_logits: torch.Tensor | None = None  # [T, E] float32, for the calibration losses
+
+    def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return Fn.linear(x_TD.float(), self.router.weight.float())  # routing decided in float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, self.hidden)
+        if self.dense_routing:
+            y_TD = self._dense(x_TD)
+        else:
+            from surgery_kernels import ops
+
+            logits_TE = self.router_logits(x_TD)
+            self.last_router_logits = logits_TE
+            r = self.routing
+            weights_TK, ids_TK = ops.route(logits_TE, r.top_k, r.score_func, r.renormalize, r.scale)
+            shared = self.shared_expert.weights() if self.shared_expert is not None else None
+            e = self.experts
+            y_TD = ops.moe_ffn(x_TD, e.gate_proj, e.up_proj, e.down_proj, weights_TK, ids_TK,
+                               shared=shared, impl=self.impl)
+        return y_TD.reshape(shape)
+
+    def _dense(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """All experts as one dense SwiGLU: concatenating the experts undoes the split."""
+        E, F, D = self.experts.gate_proj.shape
+        gate = self.experts.gate_proj.reshape(E * F, D)
+        up = self.experts.up_proj.reshape(E * F, D)
+        down = self.experts.down_proj.permute(1, 0, 2).reshape(D, E * F)
+        y = Fn.linear(Fn.silu(Fn.linear(x_TD, gate)) * Fn.linear(x_TD, up), down)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x_TD)
+        return y
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    return [m for m in model.modules() if isinstance(m, MoEBlock)]
+
+
+def set_dense_routing(model: nn.Module, on: bool = True) -> None:
+    """Switch every MoE block to dense routing (all experts, unit weights) or back to top-k routing."""
+    for block in moe_blocks(model):
+        block.dense_routing = on
+
+
+def set_impl(model: nn.Module, impl: str) -> None:
+    for block in moe_blocks(model):
+        block.impl = impl
