@@ -16,8 +16,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     out = Path(out)
     if out.exists() and not overwrite:
         raise SurgeryError(f"{out}: already exists (choose another path or pass --overwrite)")
-    if not out.parent.exists():
-        raise SurgeryError(f"{out.parent}: parent folder does not exist")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

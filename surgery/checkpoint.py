@@ -105,6 +105,11 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     """The weight files of a folder, in index order; refuses pickled weights."""
     index = folder / "model.safetensors.index.json"
@@ -132,6 +137,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path | None = None
+    offset: int = 0  # byte offset of the data in `file`
 
 
 class TensorSource:
@@ -142,7 +148,6 @@ class TensorSource:
         self.infos = infos
         self.files = files
         self._tensors = tensors  # in-memory tensors (GGUF), else None
-        self._handles: dict[Path, object] = {}
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -152,12 +157,15 @@ class TensorSource:
             raise SurgeryError(f"checkpoint has no tensor {name!r}")
         if self._tensors is not None:
             return self._tensors[name]
-        from safetensors import safe_open
-
-        f = self.infos[name].file
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f].get_tensor(name)
+        # A plain read rather than safetensors' mmap: mapped pages stay resident (and count as ours) for as
+        # long as the file is open, which would make a streaming conversion's memory grow to the whole file.
+        info = self.infos[name]
+        out = torch.empty(torch.Size(info.shape).numel() * info.dtype.itemsize, dtype=torch.uint8)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(out.numpy()) != out.numel():
+                raise SurgeryError(f"{info.file}: truncated while reading tensor {name}")
+        return out.view(info.dtype).reshape(info.shape)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -174,9 +182,12 @@ def open_folder(folder: Path) -> TensorSource:
     files = safetensors_files(folder)
     infos: dict[str, TensorInfo] = {}
     for f in files:
-        for name, meta in _safetensors_header(f).items():
+        header = _safetensors_header(f)
+        data_start = _data_start(f)
+        for name, meta in header.items():
             if name != "__metadata__":
-                infos[name] = TensorInfo(tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]], f)
+                infos[name] = TensorInfo(tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]], f,
+                                         data_start + meta["data_offsets"][0])
     source = TensorSource(cfg, infos, files)
     check_ffn_tensors(source, str(folder))
     return source

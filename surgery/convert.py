@@ -125,11 +125,13 @@ def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: boo
                     names = ffn_names(layer)
                     ffn = FFNWeights(*(source.get(names[p]) for p in ("gate_proj", "up_proj", "down_proj")))
                     tensors, perm = convert_layer(ffn, cfg, sizes, layer, moe)
+                    del ffn  # the dense FFN is no longer needed: keep one layer in memory, not two
                     moe.permutations[layer] = perm
                     pending = dict(zip(moe_tensor_names(layer, bool(cfg.shared_experts)), tensors))
                     bar.update(1)
                 t = pending.pop(spec.name)
             writer.write(spec.name, t.to(dtype) if t.is_floating_point() else t)
+            del t
         bar.close()
         writer.close()
         config = dict(base)

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from surgery.errors import SurgeryError
 
-# Relative to the project root: ../shared/data holds the corpora (see its README).
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+def _shared_data() -> Path:
+    """The corpora folder: $SURGERY_DATA, else ../shared/data beside the working directory (the project root)
+    or beside this source tree."""
+    if os.environ.get("SURGERY_DATA"):
+        return Path(os.environ["SURGERY_DATA"])
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (root.parent / "shared" / "data").is_dir():
+            return root.parent / "shared" / "data"
+    return Path.cwd().parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 DEFAULT_CALIBRATION = SHARED_DATA / "wikitext-2" / "valid.txt"
 DEFAULT_EVAL = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 

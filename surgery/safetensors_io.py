@@ -113,7 +113,8 @@ class ShardedWriter:
         if self._file is None or self._remaining_in_shard == 0:
             self._open_next_shard()
         t = tensor.detach().to("cpu").contiguous()
-        self._file.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
         self._remaining_in_shard -= 1
         self._next += 1
 

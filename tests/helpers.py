@@ -43,3 +43,41 @@ def save_tiny_tokenizer(folder: Path, vocab: int) -> None:
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the invariant's measure (elementwise ratios blow up near zero)."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def write_random_llama(folder: Path, *, hidden, ffn, layers, heads, kv_heads, vocab, dtype=torch.bfloat16,
+                       tied=False, max_shard_size="2GB") -> int:
+    """A random-weight Llama written straight to sharded safetensors, one tensor at a time (no model is
+    built, so a ~1B checkpoint costs the test little memory). Returns the checkpoint's bytes."""
+    import json
+
+    from surgery.safetensors_io import ShardedWriter, TensorSpec, parse_size
+
+    folder.mkdir(parents=True)
+    head_dim = hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.input_layernorm.weight": (hidden,), f"{p}.post_attention_layernorm.weight": (hidden,),
+            f"{p}.self_attn.q_proj.weight": (hidden, hidden),
+            f"{p}.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            f"{p}.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            f"{p}.self_attn.o_proj.weight": (hidden, hidden),
+            f"{p}.mlp.gate_proj.weight": (ffn, hidden), f"{p}.mlp.up_proj.weight": (ffn, hidden),
+            f"{p}.mlp.down_proj.weight": (hidden, ffn),
+        })
+    writer = ShardedWriter(folder, [TensorSpec(k, v, dtype) for k, v in shapes.items()], parse_size(max_shard_size))
+    g = torch.Generator().manual_seed(0)
+    for spec in writer.order:
+        writer.write(spec.name, (torch.randn(spec.shape, generator=g) * 0.02).to(dtype))
+    writer.close()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "vocab_size": vocab, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
+              "torch_dtype": str(dtype).removeprefix("torch.")}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return writer.total_bytes
