@@ -164,5 +164,134 @@ def info(model_path, as_json):
         click.echo(f"{key:>22}: {value}")
 
 
+@main.group()
+def bench():
+    """Measure speed: one sparse FFN layer against its peers, or whole models end to end."""
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SurgeryError(f"{flag} {text!r}: expected comma-separated integers such as 1,8,64") from None
+
+
+def _prefill_list(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SurgeryError(f"--prefill {text!r}: expected BATCHxSEQ items such as 1x512,8x512") from None
+
+
+@bench.command("kernels")
+@click.option("--json", "json_path", type=click.Path(), required=True, help="Where to write the results JSON.")
+@click.option("--tokens", default="1,16,128,1024,8192,32768", show_default=True, help="Token counts T.")
+@click.option("--quick", is_flag=True, help="Few shapes and repeats (a smoke test; the CPU default).")
+@_friendly
+def bench_kernels_cmd(json_path, tokens, quick):
+    """One MoE FFN layer at Llama-2-7B shape (E16 K4, E8 K2) and Mixtral shape (E8 K2): ours against a dense
+    SwiGLU, the ideal (a dense FFN of the active width), torch._grouped_mm, a per-expert loop and ScatterMoE
+    when importable. On a machine without CUDA only the PyTorch reference runs, labelled as such."""
+    import torch
+
+    from surgery_evals.bench_kernels import bench_kernels
+
+    quick = quick or not torch.cuda.is_available()
+    result = bench_kernels(json_path, tokens=tuple(_int_list(tokens, "--tokens")), quick=quick)
+    click.echo(json.dumps({"json": json_path, "rows": len(result["rows"]), "device": result["device"]}))
+
+
+@bench.command("model")
+@click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path())
+@click.option("--dense", "dense_path", type=click.Path(), help="Dense model to compare with  [default: the "
+              "converted model's recorded source]")
+@click.option("--synthetic", type=click.Choice(["llama2-7b"]), help="Instead of MODEL: a random-weight model of "
+              "this shape, converted in memory with --experts/--top-k.")
+@click.option("--layers", type=int, default=None, help="With --synthetic: fewer layers (smoke tests).")
+@click.option("--experts", "-E", type=int, default=16, show_default=True, help="With --synthetic.")
+@click.option("--top-k", "-K", type=int, default=4, show_default=True, help="With --synthetic (16/4: 25% active).")
+@click.option("--device", default=None, help="cpu, cuda  [default: cuda if available]")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="[default: bfloat16 on CUDA, float32 on CPU]")
+@click.option("--prefill", default="1x512,8x512", show_default=True, help="BATCHxSEQ prefill shapes.")
+@click.option("--decode-batch", default="1,8,64", show_default=True, help="Decode batch sizes.")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Decode steps timed per batch.")
+@click.option("--runtime", type=click.Choice(["auto", "eager", "graphs"]), default="auto", show_default=True,
+              help="auto: CUDA graphs (torch.compile reduce-overhead) on CUDA, eager on CPU.")
+@click.option("--json", "json_path", type=click.Path(), required=True, help="Where to write the results JSON.")
+@_friendly
+def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, device, dtype, prefill,
+                    decode_batch, new_tokens, runtime, json_path):
+    """End-to-end tokens/s, dense against converted on the same runtime: prefill (batch x sequence) and
+    decode with a static KV cache. Give a converted MODEL (its dense source is found from its config), or
+    --synthetic llama2-7b for a random-weight 7B-shaped model converted in memory (GPU)."""
+    import torch
+
+    from surgery.convert import ConvertConfig, convert_model
+    from surgery.modeling import load_model
+    from surgery_evals.throughput import ThroughputConfig, compare, llama2_7b_config, random_dense_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    cfg = ThroughputConfig(prefill=_prefill_list(prefill), decode_batches=_int_list(decode_batch, "--decode-batch"),
+                           new_tokens=new_tokens, runtime=runtime)
+    if synthetic:
+        from surgery.modeling import parse_dtype
+
+        # Two random models of the same shape: throughput does not depend on the weights' values.
+        dense = random_dense_model(llama2_7b_config(layers), device, parse_dtype(dtype))
+        converted = convert_model(random_dense_model(llama2_7b_config(layers), device, parse_dtype(dtype)),
+                                  ConvertConfig(experts=experts, top_k=top_k))
+        result = compare(dense, converted, cfg, label=f"synthetic {synthetic}, E{experts} K{top_k}")
+    else:
+        if model_path is None:
+            raise SurgeryError("give a converted MODEL or --synthetic llama2-7b")
+        converted = load_model(model_path, dtype=dtype, device=device)
+        moe = getattr(converted, "surgery_config", None)
+        if moe is None:
+            raise SurgeryError(f"{model_path}: not a converted model (no 'surgery' block in config.json)")
+        dense_path = dense_path or moe.source
+        dense = load_model(dense_path, dtype=dtype, device=device)
+        result = compare(dense, converted, cfg, label=f"{model_path} vs {dense_path}")
+    _emit(result, json_path)
+
+
+@main.command("export")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["native", "mixtral", "qwen2_moe"]), required=True,
+              help="mixtral / qwen2_moe: stock transformers classes; native: surgery's own format.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Output dtype  [default: the model's]")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--perplexity-json", type=click.Path(), default=None,
+              help="A `surgery eval perplexity --json` result to quote in the model card.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
+@_friendly
+def export_cmd(model_path, out, fmt, dtype, max_shard_size, perplexity_json, overwrite, json_path):
+    """Write the converted MODEL to OUT in a format other tools load, with identical logits.
+
+    \b
+    --format mixtral    MixtralForCausalLM: no shared experts, softmax routing renormalised to sum 1
+    --format qwen2_moe  Qwen2MoeForCausalLM: shared experts allowed, renormalisation optional
+    --format native     surgery's own format again (e.g. in another --dtype)
+
+    \b
+    The stock formats load with plain transformers, no trust_remote_code:
+      AutoModelForCausalLM.from_pretrained(OUT)
+    The routing scale is folded into the experts' down projections (and Qwen2-MoE's sigmoid shared-expert
+    gate, fixed at 0.5, into the shared expert). What a format cannot express exactly (shared experts in
+    Mixtral, sigmoid scoring, unequal expert widths, attention biases, ...) is an error naming the format
+    that fits. OUT holds safetensors shards, config.json, generation_config.json, the tokenizer, a README.md
+    model card and SHA256SUMS; it appears only when complete. Exporting an export back gives the same bytes,
+    and every surgery command (info, eval, export) reads an exported folder.
+    """
+    from surgery.export import export_model
+
+    _emit(export_model(model_path, out, fmt, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                       perplexity_json=perplexity_json), json_path)
+
+
 if __name__ == "__main__":
     main()

@@ -189,3 +189,33 @@ def _plan(source: TensorSource, moe: MoEConfig, dtype: torch.dtype):
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def convert_model(dense, cfg: ConvertConfig, progress: bool = False):
+    """Convert a dense model already in memory (any device), in place: each layer's `mlp` becomes a MoEBlock.
+    Used for benchmarks on synthetic models and by tests; `convert` is the streaming path for checkpoints."""
+    from surgery.moe import MoEBlock
+
+    config = dense.config
+    width = config.intermediate_size
+    cfg.validate(width)
+    moe, sizes = plan_moe_config(cfg, width)
+    moe.permutations = []
+    for layer, block in enumerate(tqdm(dense.model.layers, desc="converting layers", disable=not progress)):
+        mlp = block.mlp
+        ffn = FFNWeights(mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data)
+        tensors, perm = convert_layer(ffn, cfg, sizes, layer, moe)
+        weight = mlp.gate_proj.weight
+        new = MoEBlock(config.hidden_size, moe.num_experts, moe.expert_width, moe.shared_width, moe.routing,
+                       dtype=weight.dtype, device=weight.device)
+        params = [new.router.weight, new.experts.gate_proj, new.experts.up_proj, new.experts.down_proj]
+        if moe.shared_width:
+            params += list(new.shared_expert.weights())
+        with torch.no_grad():
+            for p, t in zip(params, tensors):
+                p.copy_(t)
+        block.mlp = new
+        moe.permutations.append(perm)
+        del ffn, tensors, mlp
+    dense.surgery_config = moe
+    return dense

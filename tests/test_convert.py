@@ -115,9 +115,21 @@ def test_converted_runs_in_bfloat16(tmp_path, tiny_llama):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
-def test_convert_from_gguf_like_in_memory_source_matches(tmp_path, tiny_llama):
+def test_conversion_is_deterministic(tmp_path, tiny_llama):
     """Converting twice with the same seed gives identical files (deterministic)."""
     cfg = ConvertConfig(experts=4, top_k=2, seed=9)
     convert(tiny_llama, tmp_path / "a", cfg, progress=False)
     convert(tiny_llama, tmp_path / "b", cfg, progress=False)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_in_memory_conversion_matches_streaming(tmp_path, tiny_llama):
+    from surgery.convert import convert_model
+
+    cfg = ConvertConfig(experts=7, top_k=2, shared_experts=1, seed=3)
+    convert(tiny_llama, tmp_path / "moe", cfg, progress=False)
+    streamed = surgery.load(tmp_path / "moe")
+    in_memory = convert_model(surgery.load(tiny_llama), cfg)
+    a, b = streamed.state_dict(), in_memory.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert in_memory.surgery_config.permutations == streamed.surgery_config.permutations

@@ -1,0 +1,151 @@
+"""Evaluate: end-to-end tokens/s of a dense and a converted model on the same runtime.
+
+Prefill: forward passes over batch x sequence tokens. Decode: greedy steps with a static KV cache, one token
+per sequence per step, at several batch sizes. On CUDA the decode step is compiled with CUDA graphs
+(torch.compile mode="reduce-overhead") for dense and converted alike, so that the comparison measures
+sparsity, not Python and launch overhead (stock `generate` spends most of its time there at batch 1).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class ThroughputConfig:
+    prefill: list[tuple[int, int]] = field(default_factory=lambda: [(1, 512), (8, 512)])  # (batch, sequence)
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8, 64])
+    prompt_len: int = 32
+    new_tokens: int = 32
+    warmup: int = 2
+    repeats: int = 3
+    runtime: str = "auto"  # "auto": graphs on CUDA, eager elsewhere; "eager"; "graphs"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _static_cache(model, batch: int, length: int, device, dtype):
+    """transformers' StaticCache: 5.x sizes itself lazily; 4.x wants batch, device and dtype up front."""
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:
+        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def prefill_tokens_per_second(model, batch: int, seq: int, cfg: ThroughputConfig) -> float:
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    for _ in range(cfg.warmup):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    _sync(device)
+    times = []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return batch * seq / sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def decode_tokens_per_second(model, batch: int, cfg: ThroughputConfig) -> float:
+    """Greedy decode of cfg.new_tokens tokens after a prompt of cfg.prompt_len; returns generated tokens/s."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    graphs = cfg.runtime == "graphs" or (cfg.runtime == "auto" and device.type == "cuda")
+    total = cfg.prompt_len + cfg.new_tokens + cfg.warmup
+
+    def step(tok, pos, cache):
+        return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1]
+
+    run_step = torch.compile(step, mode="reduce-overhead", dynamic=False) if graphs else step
+    cache = _static_cache(model, batch, total, device, dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, cfg.prompt_len), device=device)
+    logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(cfg.prompt_len, device=device),
+                   use_cache=True).logits[:, -1]
+    tok = logits.argmax(-1, keepdim=True)
+    pos = cfg.prompt_len
+    for _ in range(cfg.warmup):  # compiles and captures the graph on CUDA
+        tok = run_step(tok, torch.tensor([pos], device=device), cache).argmax(-1, keepdim=True)
+        pos += 1
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg.new_tokens):
+        tok = run_step(tok.clone(), torch.tensor([pos], device=device), cache).argmax(-1, keepdim=True)
+        pos += 1
+    _sync(device)
+    return batch * cfg.new_tokens / (time.perf_counter() - t0)
+
+
+def bench_model(model, name: str, cfg: ThroughputConfig) -> list[dict]:
+    rows = []
+    for batch, seq in cfg.prefill:
+        rows.append({"model": name, "phase": "prefill", "batch": batch, "seq": seq,
+                     "tokens_per_second": round(prefill_tokens_per_second(model, batch, seq, cfg), 2)})
+    for batch in cfg.decode_batches:
+        rows.append({"model": name, "phase": "decode", "batch": batch, "seq": cfg.prompt_len + cfg.new_tokens,
+                     "tokens_per_second": round(decode_tokens_per_second(model, batch, cfg), 2)})
+    return rows
+
+
+def compare(dense, converted, cfg: ThroughputConfig, label: str) -> dict:
+    """Dense and converted on the same runtime; adds converted/dense speed-up per configuration."""
+    rows = bench_model(dense, "dense", cfg) + bench_model(converted, "converted", cfg)
+    by_key = {(r["phase"], r["batch"], r["seq"]): r["tokens_per_second"] for r in rows if r["model"] == "dense"}
+    for r in rows:
+        if r["model"] == "converted":
+            r["speedup_vs_dense"] = round(r["tokens_per_second"] / by_key[(r["phase"], r["batch"], r["seq"])], 3)
+    device = next(converted.parameters()).device
+    moe = getattr(converted, "surgery_config", None)
+    return {
+        "label": label,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "path": "triton kernels" if device.type == "cuda" else "reference (PyTorch, CPU)",
+        "dtype": str(next(converted.parameters()).dtype).removeprefix("torch."),
+        "active_ffn_fraction": round(moe.active_ffn_fraction, 4) if moe else None,
+        "config": asdict(cfg),
+        "versions": versions(),
+        "rows": rows,
+    }
+
+
+def versions() -> dict:
+    import platform
+
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def llama2_7b_config(layers: int | None = None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def random_dense_model(config, device, dtype):
+    """A random-weight model built directly on the device (no checkpoint on disk)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    return model.eval()
