@@ -1,0 +1,59 @@
+"""The PyTorch reference for routing and the sparse MoE FFN: ground truth for the Triton kernels, and the
+path the model takes on CPU (it is differentiable, so calibration can train through it).
+
+Shape legend: T tokens, D hidden, E experts, F expert width, K experts per token, S shared width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+
+
+def route(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax", renormalize: bool = True,
+          scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores over all experts (float32), top-k, optional renormalisation, scale.
+    Returns (weights_TK float32, ids_TK int64)."""
+    logits = logits_TE.float()
+    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    weights_TK, ids_TK = scores.topk(top_k, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    if scale != 1.0:
+        weights_TK = weights_TK * scale
+    return weights_TK, ids_TK
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return Fn.linear(Fn.silu(Fn.linear(x, gate)) * Fn.linear(x, up), down)
+
+
+def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+            weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None) -> torch.Tensor:
+    """y[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])  (+ shared SwiGLU(x[t]) with weight 1).
+
+    Tokens are grouped by expert with one stable sort; each expert runs once on its tokens and its weighted
+    output is added back in float32, experts in increasing order (as transformers' Mixtral does, so the two
+    agree to the bit in float32)."""
+    T, K = ids_TK.shape
+    E = gate_EFD.shape[0]
+    flat = ids_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E).tolist()  # one host sync: fine for the reference path
+    token_of = order // K
+    weight_of = weights_TK.reshape(-1)[order]
+    out = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tokens = token_of[start:start + n]
+        # gate and up as one matmul, as transformers' fused experts do: identical rounding, so a stock
+        # Mixtral / Qwen2-MoE export reproduces our logits to the bit in float32.
+        g, u = Fn.linear(x_TD[tokens], torch.cat([gate_EFD[e], up_EFD[e]])).chunk(2, dim=-1)
+        y = Fn.linear(Fn.silu(g) * u, down_EDF[e])
+        out = out.index_add(0, tokens, y.float() * weight_of[start:start + n, None])
+        start += n
+    if shared is not None:
+        out = out + swiglu(x_TD, *shared).float()
+    return out.to(x_TD.dtype)
