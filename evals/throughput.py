@@ -57,33 +57,40 @@ def prefill_tokens_per_second(model, batch: int, seq: int, cfg: ThroughputConfig
 
 
 @torch.no_grad()
-def decode_tokens_per_second(model, batch: int, cfg: ThroughputConfig) -> float:
-    """Greedy decode of cfg.new_tokens tokens after a prompt of cfg.prompt_len; returns generated tokens/s."""
-    device = next(model.parameters()).device
+def greedy_decode(model, prompt: torch.Tensor, steps: int, runtime: str = "auto", warmup: int = 0):
+    """Prefill `prompt` into a static KV cache, then `warmup + steps` greedy one-token decode steps.
+    Returns (tokens [B, 1 + warmup + steps], seconds taken by the last `steps` steps). The warmup steps
+    (compilation and CUDA-graph capture) are generated but not timed."""
+    device = prompt.device
     dtype = next(model.parameters()).dtype
-    graphs = cfg.runtime == "graphs" or (cfg.runtime == "auto" and device.type == "cuda")
-    total = cfg.prompt_len + cfg.new_tokens + cfg.warmup
+    batch, prompt_len = prompt.shape
+    graphs = runtime == "graphs" or (runtime == "auto" and device.type == "cuda")
 
     def step(tok, pos, cache):
         return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1]
 
     run_step = torch.compile(step, mode="reduce-overhead", dynamic=False) if graphs else step
-    cache = _static_cache(model, batch, total, device, dtype)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, cfg.prompt_len), device=device)
-    logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(cfg.prompt_len, device=device),
+    cache = _static_cache(model, batch, prompt_len + 1 + warmup + steps, device, dtype)
+    logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt_len, device=device),
                    use_cache=True).logits[:, -1]
-    tok = logits.argmax(-1, keepdim=True)
-    pos = cfg.prompt_len
-    for _ in range(cfg.warmup):  # compiles and captures the graph on CUDA
-        tok = run_step(tok, torch.tensor([pos], device=device), cache).argmax(-1, keepdim=True)
-        pos += 1
-    _sync(device)
+    out = [logits.argmax(-1, keepdim=True)]
     t0 = time.perf_counter()
-    for _ in range(cfg.new_tokens):
-        tok = run_step(tok.clone(), torch.tensor([pos], device=device), cache).argmax(-1, keepdim=True)
-        pos += 1
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        pos = torch.tensor([prompt_len + i], device=device)
+        out.append(run_step(out[-1].clone(), pos, cache).argmax(-1, keepdim=True))
     _sync(device)
-    return batch * cfg.new_tokens / (time.perf_counter() - t0)
+    return torch.cat(out, dim=1), time.perf_counter() - t0
+
+
+def decode_tokens_per_second(model, batch: int, cfg: ThroughputConfig) -> float:
+    """Generated tokens per second over cfg.new_tokens timed steps, after cfg.warmup untimed ones."""
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, model.config.vocab_size, (batch, cfg.prompt_len), device=device)
+    _, seconds = greedy_decode(model, prompt, cfg.new_tokens, cfg.runtime, warmup=cfg.warmup)
+    return batch * cfg.new_tokens / seconds
 
 
 def bench_model(model, name: str, cfg: ThroughputConfig) -> list[dict]:
