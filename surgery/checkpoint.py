@@ -237,16 +237,24 @@ def open_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[TensorSou
     return source, model, tokenizer
 
 
-def open_source(path: str | os.PathLike) -> TensorSource:
-    """Open a dense checkpoint for streaming conversion (a folder), or load it whole (a .gguf file)."""
+def check_model_path(path: str | os.PathLike) -> Path:
+    """A model path must be an existing folder or a .gguf file."""
     p = Path(path)
     if not p.exists():
         raise SurgeryError(f"{p}: no such file or directory")
+    if p.is_file() and p.suffix.lower() != ".gguf":
+        raise SurgeryError(f"{p}: expected a model folder or a .gguf file")
+    return p
+
+
+def open_source(path: str | os.PathLike):
+    """A dense checkpoint for conversion: (TensorSource, tokenizer). A folder is read lazily, tensor by tensor
+    (tokenizer None: its files are copied); a .gguf file is dequantized whole (its tokenizer is returned)."""
+    p = check_model_path(path)
     if p.is_file():
-        if p.suffix.lower() != ".gguf":
-            raise SurgeryError(f"{p}: expected a model folder or a .gguf file")
-        return open_gguf(p)[0]
-    return open_folder(p)
+        source, _, tokenizer = open_gguf(p)
+        return source, tokenizer
+    return open_folder(p), None
 
 
 def file_hash(paths: list[Path], chunk: int = 1 << 22) -> str:

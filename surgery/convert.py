@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import surgery
 from surgery.atomic import atomic_dir
-from surgery.checkpoint import TensorSource, ffn_names, file_hash, open_folder, open_gguf
+from surgery.checkpoint import TensorSource, ffn_names, file_hash, open_source
 from surgery.cluster import FFNWeights, balanced_sizes, check_partition, get_method
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
@@ -86,22 +86,11 @@ def convert_layer(ffn: FFNWeights, cfg: ConvertConfig, sizes: list[int], layer: 
     return tensors, permutation(groups)
 
 
-def _open(src: Path):
-    if src.is_file() and src.suffix.lower() == ".gguf":
-        source, _, tokenizer = open_gguf(src)
-        return source, tokenizer
-    if not src.exists():
-        raise SurgeryError(f"{src}: no such file or directory")
-    if src.is_file():
-        raise SurgeryError(f"{src}: expected a model folder or a .gguf file")
-    return open_folder(src), None
-
-
 def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: bool = True) -> dict:
     """Convert `src` (folder or .gguf) into a native MoE folder at `out`. Returns a summary dict."""
     t0 = time.time()
     src, out = Path(src), Path(out)
-    source, gguf_tokenizer = _open(src)
+    source, gguf_tokenizer = open_source(src)
     base = source.config
     width, layers = base["intermediate_size"], base["num_hidden_layers"]
     cfg.validate(width)

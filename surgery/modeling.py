@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from surgery.atomic import atomic_dir
-from surgery.checkpoint import (_safetensors_header, check_llama_like,
+from surgery.checkpoint import (_safetensors_header, check_model_path, check_llama_like,
                                 load_gguf_model, read_config_dict, safetensors_files)
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
@@ -141,12 +141,8 @@ def load_dense_folder(folder: Path, dtype=None, device="cpu"):
 
 def load_model(path, dtype=None, device="cpu"):
     """Any model surgery understands: a dense folder, a .gguf file, a converted folder, an exported folder."""
-    p = Path(path)
-    if not p.exists():
-        raise SurgeryError(f"{p}: no such file or directory")
+    p = check_model_path(path)
     if p.is_file():
-        if p.suffix.lower() != ".gguf":
-            raise SurgeryError(f"{p}: expected a model folder or a .gguf file")
         model, _ = load_gguf_model(p, parse_dtype(dtype) or torch.float32)
         return _place(model, None, device)
     cfg = read_config_dict(p)

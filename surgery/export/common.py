@@ -60,6 +60,50 @@ def head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
+def decoder_fields(base: dict, architecture: str, model_type: str) -> dict:
+    """The config fields every Llama-style decoder target shares (attention, norms, RoPE, vocabulary)."""
+    rope = rope_parameters(base)
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": base["vocab_size"],
+        "hidden_size": base["hidden_size"],
+        "num_hidden_layers": base["num_hidden_layers"],
+        "num_attention_heads": base["num_attention_heads"],
+        "num_key_value_heads": base.get("num_key_value_heads") or base["num_attention_heads"],
+        "head_dim": head_dim(base),
+        "hidden_act": "silu",
+        "max_position_embeddings": base.get("max_position_embeddings", 2048),
+        "initializer_range": base.get("initializer_range", 0.02),
+        "rms_norm_eps": base["rms_norm_eps"],
+        "use_cache": True,
+        "bos_token_id": base.get("bos_token_id"),
+        "eos_token_id": base.get("eos_token_id"),
+        "pad_token_id": base.get("pad_token_id"),
+        "tie_word_embeddings": bool(base.get("tie_word_embeddings", False)),
+        "rope_parameters": rope,
+        "rope_theta": rope["rope_theta"],  # what transformers 4.x reads (it ignores rope_parameters)
+        "attention_dropout": 0.0,
+    }
+
+
+def rope_scaling_field(base: dict) -> dict:
+    """Non-default RoPE also as `rope_scaling`, the key older releases read."""
+    rope = rope_parameters(base)
+    if rope.get("rope_type", "default") != "default":
+        return {"rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}}
+    return {}
+
+
+def decoder_checks(base: dict) -> dict:
+    """Fields of the reloaded target config that must come out exactly as the source's."""
+    return {"hidden_size": base["hidden_size"], "num_hidden_layers": base["num_hidden_layers"],
+            "num_attention_heads": base["num_attention_heads"],
+            "num_key_value_heads": base.get("num_key_value_heads") or base["num_attention_heads"],
+            "head_dim": head_dim(base), "rms_norm_eps": base["rms_norm_eps"], "vocab_size": base["vocab_size"],
+            "tie_word_embeddings": bool(base.get("tie_word_embeddings", False))}
+
+
 def check_common(base: dict, fmt: str) -> None:
     """What no stock MoE target here can express about the attention/embedding side of the source."""
     if base.get("model_type") not in ("llama", "mistral"):

@@ -18,8 +18,9 @@ import torch
 
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
-from surgery.export.common import (Planned, check_common, check_equal_experts, head_dim, llama_config_from,
-                                   non_moe_tensors, rope_parameters, scaled, stack, take)
+from surgery.export.common import (Planned, check_common, check_equal_experts, decoder_checks, decoder_fields,
+                                   llama_config_from, non_moe_tensors,
+                                   rope_scaling_field, scaled, stack, take)
 from surgery.router import RoutingConfig
 
 FORMAT = "mixtral"
@@ -56,49 +57,22 @@ def fold_scale(moe: MoEConfig) -> float:
 
 
 def config(model, moe: MoEConfig, base: dict, dtype: torch.dtype) -> dict:
-    rope = rope_parameters(base)
-    cfg = {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": base["vocab_size"],
-        "hidden_size": base["hidden_size"],
+    return {
+        **decoder_fields(base, ARCHITECTURE, MODEL_TYPE),
         "intermediate_size": moe.expert_width,  # Mixtral's experts are `intermediate_size` wide
-        "num_hidden_layers": base["num_hidden_layers"],
-        "num_attention_heads": base["num_attention_heads"],
-        "num_key_value_heads": base.get("num_key_value_heads") or base["num_attention_heads"],
-        "head_dim": head_dim(base),
-        "hidden_act": "silu",
-        "max_position_embeddings": base.get("max_position_embeddings", 2048),
-        "initializer_range": base.get("initializer_range", 0.02),
-        "rms_norm_eps": base["rms_norm_eps"],
-        "use_cache": True,
-        "bos_token_id": base.get("bos_token_id"),
-        "eos_token_id": base.get("eos_token_id"),
-        "pad_token_id": base.get("pad_token_id"),
-        "tie_word_embeddings": bool(base.get("tie_word_embeddings", False)),
-        "rope_parameters": rope,
-        "rope_theta": rope["rope_theta"],  # what transformers 4.x reads (it ignores rope_parameters)
         "sliding_window": base.get("sliding_window"),
-        "attention_dropout": 0.0,
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "output_router_logits": False,
         "router_aux_loss_coef": 0.001,
         "router_jitter_noise": 0.0,
+        **rope_scaling_field(base),
     }
-    if rope.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return cfg
 
 
 def config_checks(base: dict, moe: MoEConfig) -> dict:
     """Fields of the loaded MixtralConfig that must come out exactly so (verified before writing)."""
-    return {"hidden_size": base["hidden_size"], "num_hidden_layers": base["num_hidden_layers"],
-            "num_attention_heads": base["num_attention_heads"],
-            "num_key_value_heads": base.get("num_key_value_heads") or base["num_attention_heads"],
-            "head_dim": head_dim(base), "rms_norm_eps": base["rms_norm_eps"], "vocab_size": base["vocab_size"],
-            "tie_word_embeddings": bool(base.get("tie_word_embeddings", False)),
-            "sliding_window": base.get("sliding_window"), "num_local_experts": moe.num_experts,
+    return {**decoder_checks(base), "sliding_window": base.get("sliding_window"), "num_local_experts": moe.num_experts,
             "num_experts_per_tok": moe.top_k, "intermediate_size": moe.expert_width, "hidden_act": "silu"}
 
 

@@ -24,8 +24,10 @@ import torch
 
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
-from surgery.export.common import (Planned, check_common, check_equal_experts, head_dim, llama_config_from,
-                                   non_moe_tensors, rope_parameters, scaled, stack, take)
+from surgery.export.common import (Planned, check_common, check_equal_experts, decoder_checks, decoder_fields,
+                                   head_dim, llama_config_from,
+                                   non_moe_tensors, rope_scaling_field,
+                                   scaled, stack, take)
 from surgery.router import RoutingConfig
 
 FORMAT = "qwen2_moe"
@@ -57,34 +59,14 @@ def _layer_types(base: dict) -> list[str]:
 
 
 def config(model, moe: MoEConfig, base: dict, dtype: torch.dtype) -> dict:
-    rope = rope_parameters(base)
     window = base.get("sliding_window")
-    cfg = {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": base["vocab_size"],
-        "hidden_size": base["hidden_size"],
+    return {
+        **decoder_fields(base, ARCHITECTURE, MODEL_TYPE),
         "intermediate_size": base["intermediate_size"],  # only dense layers would use it: there are none
-        "num_hidden_layers": base["num_hidden_layers"],
-        "num_attention_heads": base["num_attention_heads"],
-        "num_key_value_heads": base.get("num_key_value_heads") or base["num_attention_heads"],
-        "head_dim": head_dim(base),
-        "hidden_act": "silu",
-        "max_position_embeddings": base.get("max_position_embeddings", 2048),
-        "initializer_range": base.get("initializer_range", 0.02),
-        "rms_norm_eps": base["rms_norm_eps"],
-        "use_cache": True,
-        "bos_token_id": base.get("bos_token_id"),
-        "eos_token_id": base.get("eos_token_id"),
-        "pad_token_id": base.get("pad_token_id"),
-        "tie_word_embeddings": bool(base.get("tie_word_embeddings", False)),
-        "rope_parameters": rope,
-        "rope_theta": rope["rope_theta"],  # what transformers 4.x reads
         "use_sliding_window": bool(window),
         "sliding_window": window or None,
         "max_window_layers": base["num_hidden_layers"],
         "layer_types": _layer_types(base),
-        "attention_dropout": 0.0,
         "qkv_bias": True,
         "decoder_sparse_step": 1,  # every layer is an MoE layer
         "mlp_only_layers": [],
@@ -95,21 +77,14 @@ def config(model, moe: MoEConfig, base: dict, dtype: torch.dtype) -> dict:
         "norm_topk_prob": bool(moe.routing.renormalize),
         "output_router_logits": False,
         "router_aux_loss_coef": 0.001,
+        **rope_scaling_field(base),
     }
-    if rope.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return cfg
 
 
 def config_checks(base: dict, moe: MoEConfig) -> dict:
     window = base.get("sliding_window")
-    return {"hidden_size": base["hidden_size"], "num_hidden_layers": base["num_hidden_layers"],
-            "num_attention_heads": base["num_attention_heads"],
-            "num_key_value_heads": base.get("num_key_value_heads") or base["num_attention_heads"],
-            "head_dim": head_dim(base), "rms_norm_eps": base["rms_norm_eps"], "vocab_size": base["vocab_size"],
-            "tie_word_embeddings": bool(base.get("tie_word_embeddings", False)),
-            "layer_types": _layer_types(base), "sliding_window": window or 0, "qkv_bias": True,
-            "decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts": moe.num_experts,
+    return {**decoder_checks(base), "layer_types": _layer_types(base), "sliding_window": window or 0,
+            "qkv_bias": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts": moe.num_experts,
             "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.expert_width,
             "shared_expert_intermediate_size": moe.shared_width, "norm_topk_prob": bool(moe.routing.renormalize),
             "hidden_act": "silu"}
