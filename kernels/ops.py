@@ -1,15 +1,59 @@
-"""Entry points the model calls: the Triton path on CUDA when available, else the PyTorch reference."""
+"""Entry points the model calls: the Triton path on CUDA when available, else the PyTorch reference.
+
+Shape legend: T tokens, D hidden, E experts, F expert width, K top-k, S shared width.
+
+Triton is imported lazily, so importing this module never needs it (CPU installs have no triton).
+impl: "auto"      Triton when the input is on CUDA and triton imports, else the reference
+      "triton"    always Triton (on CPU this needs TRITON_INTERPRET=1, set before triton is imported)
+      "reference" always the PyTorch reference
+Both paths are differentiable (the Triton path's backward recomputes through the reference).
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from surgery_kernels import reference
+from . import reference
+
+IMPLS = ("auto", "triton", "reference")
 
 
-def route(logits_TE, top_k, score_func="softmax", renormalize=True, scale=1.0):
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(t: torch.Tensor, impl: str) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
+    if impl == "auto":
+        return t.is_cuda and triton_available()
+    if impl == "triton" and not triton_available():
+        raise RuntimeError("impl='triton' needs the triton package (pip install 'surgery[gpu]')")
+    return impl == "triton"
+
+
+def route(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax", renormalize: bool = True,
+          scale: float = 1.0, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights_TK float32, ids_TK int64): top-k of softmax/sigmoid scores, optionally renormalised, scaled."""
+    if _use_triton(logits_TE, impl):
+        from . import triton_moe
+
+        return triton_moe.route(logits_TE, top_k, score_func, renormalize, scale)
     return reference.route(logits_TE, top_k, score_func, renormalize, scale)
 
 
-def moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared=None, impl="auto"):
+def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+            weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None, impl: str = "auto") -> torch.Tensor:
+    """y[t] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]) (+ shared SwiGLU(x[t])), in x's dtype."""
+    if _use_triton(x_TD, impl):
+        from . import triton_moe
+
+        return triton_moe.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
     return reference.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)

@@ -14,6 +14,8 @@ def route(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax", reno
           scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores over all experts (float32), top-k, optional renormalisation, scale.
     Returns (weights_TK float32, ids_TK int64)."""
+    if score_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"score_func must be 'softmax' or 'sigmoid', not {score_func!r}")
     logits = logits_TE.float()
     scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
     weights_TK, ids_TK = scores.topk(top_k, dim=-1)
