@@ -1,0 +1,29 @@
+"""The kernel benchmark's quick CPU run: it finishes fast and writes the documented JSON schema."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from surgery_evals.bench_kernels import bench_kernels
+
+
+def test_bench_kernels_quick_cpu_schema(tmp_path):
+    out = tmp_path / "bench" / "kernels.json"
+    result = bench_kernels(out, device="cpu", quick=True)
+    on_disk = json.loads(out.read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert not list(out.parent.glob(".*tmp*"))  # written atomically: no temporary left behind
+    assert result["path"] == "reference (CPU)"
+    assert isinstance(result["device"], str)
+    assert {"torch", "triton", "cuda"} <= set(result["versions"])
+    assert result["versions"]["torch"] == torch.__version__
+    rows = result["rows"]
+    assert rows
+    for row in rows:
+        assert set(row) == {"shape", "experts", "top_k", "tokens", "impl", "ms", "ratio_to_dense", "ratio_to_ideal"}
+        assert row["shape"] in ("llama2-7b", "mixtral")
+        assert row["impl"] == "ours"  # only the reference path runs on CPU
+        assert row["tokens"] <= 16 and row["top_k"] <= row["experts"]
+        assert row["ms"] > 0 and row["ratio_to_dense"] > 0 and row["ratio_to_ideal"] > 0
