@@ -56,3 +56,97 @@ def tokenize_file(tokenizer, path, max_tokens: int | None = None) -> torch.Tenso
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def stdlib_source_text(max_chars: int = 2_000_000) -> str:
+    """A second evaluation domain every machine has: Python standard-library source, deterministic.
+
+    The top-level .py files of sysconfig's stdlib folder (no subpackages, no tests), sorted by name, each
+    preceded by a `# file: NAME` line and joined by blank lines, cut at `max_chars` characters. The same
+    Python version gives the same text byte for byte."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.is_file() and not p.name.startswith("test"))
+    if not files:
+        raise SurgeryError(f"{root}: no standard-library .py files found")
+    parts, size = [], 0
+    for p in files:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(f"# file: {p.name}\n{text}")
+        size += len(parts[-1]) + 2
+        if size >= max_chars:
+            break
+    return "\n\n".join(parts)[:max_chars]
+
+
+def stdlib_eval_file(folder=None) -> Path:
+    """Write stdlib_source_text() once to a file (named by its hash, so it is reused) and return its path,
+    so that every text-file consumer (perplexity, calibration) can read the second domain."""
+    import hashlib
+    import sys
+    import tempfile
+
+    text = stdlib_source_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    folder = Path(folder) if folder else Path(tempfile.gettempdir()) / "surgery-data"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib-{digest}.txt"
+    if not path.is_file():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
+def resolve_data(name) -> Path:
+    """A data argument: a file path, or one of the names `wikitext-valid` (calibration default),
+    `wikitext-test` (held-out evaluation) and `stdlib` (Python standard-library source)."""
+    if name in (None, "", "default", "wikitext-valid"):
+        return DEFAULT_CALIBRATION
+    if name == "wikitext-test":
+        return DEFAULT_EVAL
+    if name == "stdlib":
+        return stdlib_eval_file()
+    return Path(name)
+
+
+@torch.no_grad()
+def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
+                  temperature: float = 1.0, top_p: float = 0.95, progress: bool = True) -> torch.Tensor:
+    """A data-free calibration corpus: `tokens` token ids sampled from the (dense) model itself, each sequence
+    started from BOS (or a random vocabulary token when the tokenizer has none). Deterministic with `seed`."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    bos = tokenizer.bos_token_id
+    vocab = model.config.vocab_size
+    out, have = [], 0
+    bar = tqdm(total=tokens, desc="sampling corpus", unit="tok", disable=not progress)
+    while have < tokens:
+        if bos is not None:
+            ids = torch.full((batch_size, 1), bos, dtype=torch.long)
+        else:
+            ids = torch.randint(0, vocab, (batch_size, 1), generator=g)
+        ids = ids.to(device)
+        cache = None
+        step_ids = ids
+        for _ in range(seq_len - 1):
+            res = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+            probs = torch.softmax(res.logits[:, -1].float().cpu() / max(temperature, 1e-5), -1)
+            sp, si = probs.sort(-1, descending=True)
+            keep = sp.cumsum(-1) - sp < top_p
+            sp = sp * keep
+            nxt = si.gather(1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=g))
+            step_ids = nxt.to(device)
+            ids = torch.cat([ids, step_ids], 1)
+        out.append(ids.reshape(-1).cpu())
+        have += ids.numel()
+        bar.update(ids.numel())
+    bar.close()
+    return torch.cat(out)[:tokens]
