@@ -1,0 +1,75 @@
+"""Profiling: statistics match a direct computation, memory is bounded, the file round-trips, the CLI works."""
+
+import json
+
+import torch
+import torch.nn.functional as Fn
+from click.testing import CliRunner
+
+import surgery
+from surgery.cli import main
+from surgery.profile import ProfileConfig, load_profile, profile_model, save_profile
+
+
+def test_stats_match_direct_computation(tiny_llama):
+    model = surgery.load(tiny_llama)
+    ids = torch.randint(0, 128, (256,), generator=torch.Generator().manual_seed(1))
+    stats = profile_model(model, ids, ProfileConfig(tokens=256, ctx=64, samples=1000), progress=False)
+    assert sorted(stats) == [0, 1]
+    s = stats[1]
+    assert s.tokens == 256 and s.inputs.shape == (256, 64) and s.inputs.dtype == torch.float16
+    mlp = model.model.layers[1].mlp
+    x = s.inputs.float()  # every token kept, in order (the reservoir is larger than the budget)
+    h = Fn.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    assert torch.allclose(s.abs_mean, h.abs().mean(0), rtol=2e-2, atol=1e-4)
+    assert torch.allclose(s.importance, h.pow(2).mean(0) * mlp.down_proj.weight.pow(2).sum(0), rtol=5e-2, atol=1e-5)
+    assert torch.allclose(s.top_freq.sum(), torch.tensor(96 * 0.25), atol=0.05)  # a quarter of neurons per token
+    assert torch.allclose(s.activations(mlp.gate_proj.weight, mlp.up_proj.weight), h, atol=1e-5)
+
+
+def test_memory_bounded_by_samples(tiny_llama, tmp_path):
+    model = surgery.load(tiny_llama)
+    ids = torch.randint(0, 128, (1024,))
+    stats = profile_model(model, ids, ProfileConfig(tokens=1000, ctx=100, samples=64), progress=False)
+    assert stats[0].inputs.shape == (64, 64) and stats[0].tokens == 1000
+    save_profile(stats, tmp_path / "p.pt", {"x": 1})
+    back, meta = load_profile(tmp_path / "p.pt")
+    assert meta == {"x": 1} and torch.equal(back[0].inputs, stats[0].inputs)
+
+
+def test_profile_cli(tiny_llama, tmp_path, text_file):
+    out = tmp_path / "prof.pt"
+    r = CliRunner().invoke(main, ["profile", str(tiny_llama), str(out), "--data", str(text_file), "--tokens", "300",
+                                  "--ctx", "50", "--samples", "128", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["tokens"] == 300 and summary["layers"] == 2 and out.is_file()
+    bad = CliRunner().invoke(main, ["profile", str(tiny_llama), str(out), "--data", str(tmp_path / "nope.txt")])
+    assert bad.exit_code == 2 and "no such file" in bad.output
+    # the profile feeds the data-driven conversion
+    conv = tmp_path / "moe"
+    r = CliRunner().invoke(main, ["convert", str(tiny_llama), str(conv), "-E", "4", "-K", "2", "--method",
+                                  "coactivation", "--router-init", "fitted", "--profile", str(out)])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((conv / "config.json").read_text())["surgery"]
+    assert cfg["method"] == "coactivation" and cfg["router_init"] == "fitted"
+    r = CliRunner().invoke(main, ["convert", str(tiny_llama), str(tmp_path / "moe2"), "-E", "4", "-K", "2",
+                                  "--method", "coactivation"])
+    assert r.exit_code == 2 and "needs profiling statistics" in r.output and not (tmp_path / "moe2").exists()
+
+
+def test_sampled_corpus_is_deterministic(tiny_llama):
+    from surgery.data import sample_corpus
+    from surgery.modeling import load_tokenizer
+
+    model, tok = surgery.load(tiny_llama), load_tokenizer(tiny_llama)
+    a = sample_corpus(model, tok, 40, seq_len=10, batch_size=2, seed=3, progress=False)
+    b = sample_corpus(model, tok, 40, seq_len=10, batch_size=2, seed=3, progress=False)
+    assert a.shape == (40,) and torch.equal(a, b) and int(a.max()) < 128
+
+
+def test_stdlib_text_is_deterministic():
+    from surgery.data import stdlib_source_text
+
+    a, b = stdlib_source_text(50_000), stdlib_source_text(50_000)
+    assert a == b and len(a) == 50_000 and a.startswith("# file: ")
