@@ -79,7 +79,12 @@ def convert_layer(ffn: FFNWeights, cfg: ConvertConfig, sizes: list[int], layer: 
     groups = method(ffn, sizes, seed=cfg.seed * 100_003 + layer, stats=cfg.stats.get(layer), shared=cfg.shared_experts)
     check_partition(groups, sizes, ffn.width)
     parts = split_ffn(ffn, groups, cfg.shared_experts, moe.expert_width)
-    router = ROUTER_INITS[cfg.router_init](ffn.gate, groups[cfg.shared_experts:]).to(ffn.gate.dtype)
+    init = ROUTER_INITS[cfg.router_init]
+    if getattr(init, "data_aware", False):  # fitted on profiled inputs
+        router = init(ffn, groups, cfg.shared_experts, cfg.stats.get(layer), moe.routing, seed=cfg.seed + layer)
+    else:
+        router = init(ffn.gate, groups[cfg.shared_experts:])
+    router = router.to(ffn.gate.dtype)
     tensors = [router, parts["gate"], parts["up"], parts["down"]]
     if cfg.shared_experts:
         tensors += [parts["shared_gate"], parts["shared_up"], parts["shared_down"]]

@@ -42,3 +42,94 @@ def centroid_init(gate: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tenso
 
 
 ROUTER_INITS = {"centroid": centroid_init}
+
+
+# ---- data-aware initialisation: fit the router to the experts that matter on profiled tokens -------------
+
+def _swiglu_out(x_ND, gate, up, down):
+    return (torch.nn.functional.silu(x_ND @ gate.T) * (x_ND @ up.T)) @ down.T
+
+
+def group_outputs(x_ND: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                  groups: list[torch.Tensor]) -> torch.Tensor:
+    """Each neuron group's output on x: [N, G, D] (float32)."""
+    x = x_ND.float()
+    g, u, d = gate.float(), up.float(), down.float()
+    return torch.stack([_swiglu_out(x, g[i], u[i], d[:, i]) for i in groups], dim=1)
+
+
+def oracle_scores(y_NED: torch.Tensor, target_ND: torch.Tensor) -> torch.Tensor:
+    """How much each expert alone reduces the squared error to the target: 2<y_e, t> - ||y_e||^2 [N, E].
+    Its top-k are the oracle labels (experts whose outputs matter most for this token)."""
+    return 2 * torch.einsum("ned,nd->ne", y_NED, target_ND) - y_NED.pow(2).sum(-1)
+
+
+def combine(weights_NK, ids_NK, y_NED):
+    """sum_k weights[n, k] * y[n, ids[n, k]]  -> [N, D]."""
+    picked = y_NED.gather(1, ids_NK[..., None].expand(-1, -1, y_NED.shape[-1]))
+    return (weights_NK[..., None] * picked).sum(1)
+
+
+def route_weights(logits_NE: torch.Tensor, routing: RoutingConfig):
+    """The routing rule (the same as the kernels' reference), differentiable in the logits."""
+    scores = torch.softmax(logits_NE, -1) if routing.score_func == "softmax" else torch.sigmoid(logits_NE)
+    w, ids = scores.topk(routing.top_k, dim=-1)
+    if routing.renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w * routing.scale, ids
+
+
+def fit_router(x_ND: torch.Tensor, y_NED: torch.Tensor, target_ND: torch.Tensor, routing: RoutingConfig,
+               w0_ED: torch.Tensor | None = None, steps: int = 300, lr: float = 1e-2, prior_weight: float = 1.0,
+               batch: int = 4096, seed: int = 0) -> torch.Tensor:
+    """Train a router [E, D] on fixed expert outputs so that routing reproduces `target` (the routed part of
+    the dense FFN output): relative squared error of the routed combination, plus `prior_weight` times the
+    cross-entropy of the router's softmax against the oracle top-k labels (FactorLLM's prior-approximate
+    loss). Starts from least squares onto the standardised oracle scores unless w0 is given.
+
+    The squared error of a combination w (dense [N, E], zero off the top-k) is w^T G w - 2 w.b + c with
+    G = <y_e, y_f>, b = <y_e, t>, c = ||t||^2 per token: precomputed once, so a step costs O(N E^2)."""
+    x = x_ND.float()
+    N, E, D = y_NED.shape
+    K = routing.top_k
+    y, t = y_NED.float(), target_ND.float()
+    G = torch.einsum("ned,nfd->nef", y, y)
+    b = torch.einsum("ned,nd->ne", y, t)
+    c = t.pow(2).sum(-1)
+    scores = 2 * b - torch.diagonal(G, dim1=1, dim2=2)  # = oracle_scores(y, t)
+    labels = torch.zeros(N, E).scatter_(1, scores.topk(K, -1).indices, 1.0 / K)
+    if w0_ED is None:
+        z = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+        reg = 1e-3 * (x.pow(2).sum() / N) * torch.eye(D)
+        w0_ED = torch.linalg.solve(x.T @ x / N + reg, x.T @ z / N).T
+    W = torch.nn.Parameter(w0_ED.float().clone())
+    opt = torch.optim.Adam([W], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    cnorm = c.mean().clamp_min(1e-12)
+    for _ in range(steps):
+        idx = torch.randint(0, N, (batch,), generator=g) if batch < N else slice(None)
+        logits = x[idx] @ W.T
+        w, ids = route_weights(logits, routing)
+        wd = torch.zeros_like(logits).scatter(1, ids, w)
+        err = (torch.einsum("ne,nef,nf->n", wd, G[idx], wd) - 2 * (wd * b[idx]).sum(-1) + c[idx]).mean() / cnorm
+        ce = -(labels[idx] * torch.log_softmax(logits, -1)).sum(-1).mean()
+        loss = err + prior_weight * ce
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return W.detach()
+
+
+def fitted_init(ffn, groups: list[torch.Tensor], shared: int, stats, routing: RoutingConfig, seed: int = 0,
+                steps: int = 300) -> torch.Tensor:
+    """Router fitted on the profiled FFN inputs (stats.inputs) to pick the experts whose outputs matter."""
+    if stats is None:
+        raise SurgeryError("--router-init fitted needs profiling statistics (give --profile PATH)")
+    x = stats.inputs.float()
+    y = group_outputs(x, ffn.gate, ffn.up, ffn.down, groups[shared:])
+    target = y.sum(1)  # the dense FFN output minus the shared experts' part
+    return fit_router(x, y, target, routing, steps=steps, seed=seed)
+
+
+fitted_init.data_aware = True
+ROUTER_INITS["fitted"] = fitted_init

@@ -63,3 +63,5 @@ def check_partition(groups: list[torch.Tensor], sizes: list[int], width: int) ->
 
 
 from surgery.cluster import random as _random  # noqa: E402,F401  (registers itself)
+from surgery.cluster import weights as _weights  # noqa: E402,F401
+from surgery.cluster import coactivation as _coactivation  # noqa: E402,F401
