@@ -1,0 +1,66 @@
+"""Calibration losses on hand-made inputs with known values."""
+
+import math
+
+import torch
+
+from surgery import losses
+
+
+def test_load_balance_zero_when_balanced_and_log_e_when_collapsed():
+    balanced = torch.zeros(4, 4)  # uniform per token => uniform marginal
+    assert abs(losses.load_balance(balanced).item()) < 1e-6
+    collapsed = torch.tensor([[50.0, 0, 0, 0]] * 3)  # every token on expert 0
+    assert abs(losses.load_balance(collapsed).item() - math.log(4)) < 1e-4
+    # sharp per token but spread over experts: still balanced
+    spread = torch.eye(4) * 50
+    assert abs(losses.load_balance(spread).item()) < 1e-4
+
+
+def test_load_concentration():
+    assert abs(losses.load_concentration(torch.zeros(3, 8)).item() - 1.0) < 1e-6  # uniform: max entropy
+    assert losses.load_concentration(torch.eye(8) * 60).item() < 1e-6  # one-hot tokens
+    two = torch.tensor([[0.0, 0.0, -1e4, -1e4]])  # half/half over 2 of 4 experts: entropy log 2 / log 4
+    assert abs(losses.load_concentration(two).item() - 0.5) < 1e-5
+
+
+def test_switch_balance_is_one_when_balanced():
+    logits = torch.zeros(4, 4)
+    ids = torch.tensor([[0], [1], [2], [3]])
+    assert abs(losses.switch_balance(logits, ids).item() - 1.0) < 1e-6
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    peaked = torch.tensor([[10.0, 0, 0, 0]] * 4)
+    assert losses.switch_balance(peaked, ids).item() > 3.9
+
+
+def test_prior_approx_and_topk_prior():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    prior = losses.topk_prior(scores, 2)
+    assert torch.equal(prior, torch.tensor([[0.5, 0.0, 0.5, 0.0]]))
+    uniform = losses.prior_approx(torch.zeros(1, 4), prior).item()
+    assert abs(uniform - math.log(4)) < 1e-6
+    matched = losses.prior_approx(torch.tensor([[0.0, -1e4, 0.0, -1e4]]), prior).item()
+    assert abs(matched - math.log(2)) < 1e-5  # the prior's own entropy: the minimum
+
+
+def test_relative_mse():
+    t = torch.tensor([[3.0, 4.0]])
+    assert losses.relative_mse(t, t).item() == 0.0
+    assert abs(losses.relative_mse(torch.zeros(1, 2), t).item() - 1.0) < 1e-7
+    assert abs(losses.relative_mse(t * 0.5, t).item() - 0.25) < 1e-7
+
+
+def test_kd():
+    a = torch.tensor([[[1.0, 2.0, 3.0]]])
+    assert abs(losses.kd(a, a).item()) < 1e-7
+    t = torch.tensor([[[0.0, 0.0]]])  # teacher uniform
+    s = torch.tensor([[[math.log(3.0), 0.0]]])  # student 3/4, 1/4
+    want = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert abs(losses.kd(s, t).item() - want) < 1e-6
+    assert abs(losses.kd(s * 2, t, temperature=2.0).item() - 4 * want) < 1e-5
+
+
+def test_router_aux_weights():
+    lg = [torch.tensor([[50.0, 0, 0, 0]] * 2)]
+    assert losses.router_aux(lg).item() == 0.0
+    assert abs(losses.router_aux(lg, balance=2.0).item() - 2 * math.log(4)) < 1e-4
