@@ -1,0 +1,394 @@
+"""Calibrate: distil a converted model back towards its dense teacher.
+
+Two stages, each optional:
+  1. layer-wise, sequentially on the STUDENT's own inputs: the calibration windows flow through the converted
+     model one layer at a time; at layer l the MoE block's input x is what the (already calibrated) student
+     gives it, and its target is the dense FFN of layer l on that same x. So each layer learns to reproduce
+     the dense FFN on the inputs it will really see, and errors of earlier layers do not compound unseen.
+     Per layer: the router is fitted on cached expert outputs (cheap, many steps), then optionally the
+     router and experts are trained together on the real block.
+  2. end-to-end: KL from the teacher's logits to the student's on calibration windows, MoE parameters only
+     (routers, experts, shared experts), AdamW with warm-up and cosine decay, plus ModuleFormer's router
+     losses (load balance, load concentration) weighted by flags.
+Budgets are in tokens; bars show the loss and a running perplexity; checkpoints after every layer and every
+`checkpoint_every` steps make `resume` pick up where a run stopped; everything is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from surgery import losses
+from surgery.errors import SurgeryError
+from surgery.moe import MoEBlock, moe_blocks
+from surgery.router import fit_router, oracle_scores
+
+
+@dataclass
+class LayerwiseConfig:
+    tokens: int = 8192  # calibration tokens pushed through the student, layer by layer
+    ctx: int = 256
+    router_steps: int = 300  # router fitting steps on cached expert outputs
+    router_lr: float = 1e-2
+    prior_weight: float = 1.0  # FactorLLM prior-approximate loss against the oracle top-k
+    expert_epochs: float = 0.0  # passes of joint router + expert training on the real block (0: router only)
+    expert_lr: float = 1e-4
+    batch_tokens: int = 1024
+    balance: float = 0.0
+    concentration: float = 0.0
+
+
+@dataclass
+class EndToEndConfig:
+    tokens: int = 32768  # token budget (student forward+backward and teacher forward on each)
+    ctx: int = 256
+    batch_size: int = 4
+    lr: float = 1e-4
+    warmup: float = 0.05  # fraction of steps
+    temperature: float = 1.0
+    train: str = "moe"  # "moe": routers + experts + shared experts; "router": routers only
+    balance: float = 0.0
+    concentration: float = 0.0
+    prior_weight: float = 0.0  # prior-approximate loss against each token's oracle experts (costs compute)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50  # steps
+
+
+@dataclass
+class CalibrateConfig:
+    layerwise: LayerwiseConfig | None = field(default_factory=LayerwiseConfig)
+    e2e: EndToEndConfig | None = field(default_factory=EndToEndConfig)
+    seed: int = 0
+    data: str | None = None  # text/JSONL path, "sample" (from the teacher), or None: WikiText-2 valid
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrateConfig":
+        d = dict(d or {})
+        try:
+            lw = d.pop("layerwise", {})
+            e2e = d.pop("e2e", {})
+            return cls(layerwise=LayerwiseConfig(**lw) if lw is not None and lw is not False else None,
+                       e2e=EndToEndConfig(**e2e) if e2e is not None and e2e is not False else None, **d)
+        except TypeError as e:
+            raise SurgeryError(f"calibration config: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- the student's layers, one at a time ----------------------------------------------------------------
+
+class _Capture(torch.nn.Module):
+    """Stands in for an mlp: records its input and adds nothing, so a decoder layer returns h + attn(h)."""
+
+    def forward(self, x):
+        self.x = x
+        return torch.zeros_like(x)
+
+
+def _causal_mask(T: int, device, dtype=torch.float32) -> torch.Tensor:
+    m = torch.full((T, T), float("-inf"), device=device, dtype=dtype).triu(1)
+    return m[None, None]
+
+
+def _layer_parts(layer, h, pos_emb, mask, position_ids):
+    """(h after attention, the mlp input x) for one decoder layer, without running its mlp."""
+    mlp, cap = layer.mlp, _Capture()
+    layer.mlp = cap
+    try:
+        out = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb,
+                    use_cache=False)
+    finally:
+        layer.mlp = mlp
+    h_mid = out[0] if isinstance(out, tuple) else out
+    return h_mid, cap.x
+
+
+def _chunks(n: int, size: int):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def _expert_outputs(block: MoEBlock, x_ND: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    e = block.experts
+    outs = []
+    for a, b in _chunks(x_ND.shape[0], chunk):
+        x = x_ND[a:b].float()
+        h = torch.nn.functional.silu(torch.einsum("nd,efd->nef", x, e.gate_proj.float())) * \
+            torch.einsum("nd,efd->nef", x, e.up_proj.float())
+        outs.append(torch.einsum("nef,edf->ned", h, e.down_proj.float()))
+    return torch.cat(outs)
+
+
+def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor, cfg: LayerwiseConfig,
+                    seed: int = 0) -> dict:
+    """Fit one MoE block to reproduce `target` (the dense FFN output) on inputs x. Returns loss numbers."""
+    x = x_ND.detach().float()
+    target = target_ND.detach().float()
+    with torch.no_grad():
+        shared = block.shared_expert(x.to(block.router.weight.dtype)).float() if block.shared_expert is not None else 0.0
+        before = losses.relative_mse(block(x.to(block.router.weight.dtype)).float(), target).item()
+    stats = {"before": before}
+    if cfg.router_steps > 0:
+        y = _expert_outputs(block, x)
+        w = fit_router(x, y, target - shared, block.routing, w0_ED=block.router.weight.detach().float(),
+                       steps=cfg.router_steps, lr=cfg.router_lr, prior_weight=cfg.prior_weight, seed=seed)
+        with torch.no_grad():
+            block.router.weight.copy_(w.to(block.router.weight.dtype))
+        del y
+    if cfg.expert_epochs > 0:
+        params = [p for p in block.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=cfg.expert_lr)
+        g = torch.Generator().manual_seed(seed)
+        N = x.shape[0]
+        steps = max(1, int(cfg.expert_epochs * N / cfg.batch_tokens))
+        for _ in range(steps):
+            idx = torch.randint(0, N, (min(cfg.batch_tokens, N),), generator=g)
+            xb = x[idx].to(block.router.weight.dtype)
+            loss = losses.relative_mse(block(xb), target[idx])
+            lg = block.last_router_logits
+            if cfg.prior_weight:
+                with torch.no_grad():
+                    scores = oracle_scores(_expert_outputs(block, xb), target[idx] - (
+                        block.shared_expert(xb).float() if block.shared_expert is not None else 0.0))
+                loss = loss + cfg.prior_weight * losses.prior_approx(lg, losses.topk_prior(scores, block.routing.top_k))
+            loss = loss + losses.router_aux([lg], cfg.balance, cfg.concentration)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for p in params:
+            p.requires_grad_(False)
+        block.last_router_logits = None
+    with torch.no_grad():
+        stats["after"] = losses.relative_mse(block(x.to(block.router.weight.dtype)).float(), target).item()
+    block.last_router_logits = None
+    return stats
+
+
+def _teacher_ffn(teacher, l):
+    return teacher.model.layers[l].mlp
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+def _moe_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".mlp." in k}
+
+
+def _save_ckpt(folder: Path, state: dict, model, optimizer=None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = {"state": state, "params": _moe_state(model), "rng": torch.get_rng_state()}
+    if optimizer is not None:
+        blob["optimizer"] = optimizer.state_dict()
+    tmp = folder / f".ckpt.pt.tmp-{os.getpid()}"
+    torch.save(blob, tmp)
+    os.replace(tmp, folder / "ckpt.pt")
+    (folder / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def load_checkpoint(folder: Path):
+    p = Path(folder) / "ckpt.pt"
+    if not p.is_file():
+        return None
+    return torch.load(p, map_location="cpu", weights_only=False)
+
+
+# ---- the two stages -------------------------------------------------------------------------------------
+
+def _windows(ids: torch.Tensor, ctx: int, tokens: int) -> torch.Tensor:
+    n = max(1, min(tokens, ids.numel()) // ctx)
+    if ids.numel() < ctx * n or n * ctx < 2:
+        raise SurgeryError(f"calibration text has {ids.numel()} tokens, fewer than one window of {ctx}")
+    return ids[: n * ctx].reshape(n, ctx)
+
+
+@torch.no_grad()
+def run_layerwise(student, teacher, ids: torch.Tensor, cfg: LayerwiseConfig, seed: int = 0,
+                  ckpt: Path | None = None, start_layer: int = 0, progress: bool = True) -> list[dict]:
+    device = next(student.parameters()).device
+    wins = _windows(ids, cfg.ctx, cfg.tokens).to(device)
+    W, T = wins.shape
+    inner = student.model
+    position_ids = torch.arange(T, device=device)[None]
+    h = inner.embed_tokens(wins).float()
+    pos_emb = inner.rotary_emb(h, position_ids)
+    mask = _causal_mask(T, device)
+    chunk = max(1, 4096 // T)
+    report = []
+    layers = inner.layers
+    bar = tqdm(total=len(layers), desc="layer-wise", unit="layer", disable=not progress)
+    for l, layer in enumerate(layers):
+        mids, xs = [], []
+        for a, b in _chunks(W, chunk):
+            m, x = _layer_parts(layer, h[a:b], pos_emb if b - a == W else tuple(p for p in pos_emb), mask, position_ids)
+            mids.append(m)
+            xs.append(x)
+        h_mid, x = torch.cat(mids), torch.cat(xs)
+        x_ND = x.reshape(-1, x.shape[-1])
+        if l >= start_layer:
+            target = _teacher_ffn(teacher, l)(x_ND.to(next(teacher.parameters()).dtype)).float()
+            with torch.enable_grad():
+                r = calibrate_block(layer.mlp, x_ND, target, cfg, seed=seed * 1000 + l)
+            r["layer"] = l
+            report.append(r)
+            bar.set_postfix(err=f"{r['before']:.3f}->{r['after']:.3f}")
+            if ckpt is not None:
+                _save_ckpt(ckpt, {"stage": "layerwise", "next_layer": l + 1, "report": report}, student)
+        h = h_mid + layer.mlp(x_ND).reshape(h_mid.shape).float()
+        bar.update(1)
+    bar.close()
+    return report
+
+
+def _lr_at(step: int, steps: int, cfg: EndToEndConfig) -> float:
+    warm = max(1, int(cfg.warmup * steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, seed: int = 0,
+                   ckpt: Path | None = None, resume_blob: dict | None = None, progress: bool = True) -> dict:
+    device = next(student.parameters()).device
+    wins = _windows(ids, cfg.ctx, cfg.tokens)
+    g = torch.Generator().manual_seed(seed + 1)
+    steps = max(1, wins.shape[0] // cfg.batch_size)
+    order = torch.randperm(wins.shape[0], generator=g)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    blocks = moe_blocks(student)
+    params = []
+    for b in blocks:
+        ps = [b.router.weight] if cfg.train == "router" else list(b.parameters())
+        for p in ps:
+            p.requires_grad_(True)
+        params += ps
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    start, history = 0, []
+    if resume_blob is not None and resume_blob["state"].get("stage") == "e2e":
+        opt.load_state_dict(resume_blob["optimizer"])
+        start = resume_blob["state"]["step"]
+        history = resume_blob["state"].get("history", [])
+        torch.set_rng_state(resume_blob["rng"])
+    autocast = device.type == "cuda"
+    student.train(False)  # no dropout in Llama; keep eval semantics
+    ema_ce, ema_kd = None, None
+    bar = tqdm(total=steps, initial=start, desc="end-to-end", unit="step", disable=not progress)
+    t0 = time.time()
+    for step in range(start, steps):
+        batch = wins[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, cfg)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                t_logits = teacher(input_ids=batch, use_cache=False).logits
+            s_logits = student(input_ids=batch, use_cache=False).logits
+        loss = losses.kd(s_logits, t_logits, cfg.temperature)
+        router_logits = [b.last_router_logits for b in blocks if b.last_router_logits is not None]
+        aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
+        total = loss + aux
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        for b in blocks:
+            b.last_router_logits = None
+        with torch.no_grad():
+            V = s_logits.shape[-1]
+            ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].float().reshape(-1, V), batch[:, 1:].reshape(-1)).item()
+        ema_ce = ce if ema_ce is None else 0.9 * ema_ce + 0.1 * ce
+        ema_kd = loss.item() if ema_kd is None else 0.9 * ema_kd + 0.1 * loss.item()
+        history.append({"step": step + 1, "tokens": (step + 1) * batch.numel(), "kd": float(f"{loss.item():.6g}"),
+                        "ce": float(f"{ce:.6g}"), "aux": float(f"{float(aux.detach() if torch.is_tensor(aux) else aux):.6g}")})
+        bar.set_postfix(kd=f"{ema_kd:.4f}", ppl=f"{math.exp(ema_ce):.2f}")
+        bar.update(1)
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
+            _save_ckpt(ckpt, {"stage": "e2e", "step": step + 1, "history": history}, student, opt)
+    bar.close()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.ctx, "seconds": round(time.time() - t0, 2),
+            "history": history}
+
+
+def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | None = None, resume: bool = False,
+              progress: bool = True, ids: torch.Tensor | None = None) -> dict:
+    """Calibrate `student` (a converted model in memory) against `teacher` (its dense source) in place."""
+    from surgery.profile import calibration_ids
+
+    if not moe_blocks(student):
+        raise SurgeryError("calibrate needs a converted model (no MoE blocks found)")
+    if moe_blocks(teacher):
+        raise SurgeryError("--teacher must be the dense model, not a converted one")
+    torch.manual_seed(cfg.seed)
+    for p in list(student.parameters()) + list(teacher.parameters()):
+        p.requires_grad_(False)
+    need = max(cfg.layerwise.tokens if cfg.layerwise else 0, cfg.e2e.tokens if cfg.e2e else 0)
+    if ids is None:
+        ids = calibration_ids(tokenizer, cfg.data, need, teacher, cfg.seed, progress)
+    blob = load_checkpoint(ckpt) if (resume and ckpt is not None) else None
+    state = blob["state"] if blob else {}
+    if blob:
+        missing = student.load_state_dict(blob["params"], strict=False)
+        if missing.unexpected_keys:
+            raise SurgeryError(f"{ckpt}: checkpoint does not match this model")
+    result = {"config": cfg.to_dict(), "calibration_tokens_available": int(ids.numel())}
+    t0 = time.time()
+    if cfg.layerwise is not None and state.get("stage") != "e2e":
+        start = state.get("next_layer", 0) if state.get("stage") == "layerwise" else 0
+        prior = state.get("report", []) if start else []
+        rep = run_layerwise(student, teacher, ids, cfg.layerwise, cfg.seed, ckpt, start, progress)
+        result["layerwise"] = {"layers": prior + rep, "tokens": int(_windows(ids, cfg.layerwise.ctx, cfg.layerwise.tokens).numel()),
+                               "seconds": round(time.time() - t0, 2)}
+    elif state.get("stage") == "e2e":
+        result["layerwise"] = {"resumed": True}
+    t1 = time.time()
+    if cfg.e2e is not None:
+        result["e2e"] = run_end_to_end(student, teacher, ids, cfg.e2e, cfg.seed, ckpt, blob, progress)
+    result["seconds"] = round(time.time() - t0, 2)
+    result["e2e_seconds"] = round(time.time() - t1, 2)
+    moe = getattr(student, "surgery_config", None)
+    if moe is not None:
+        summary = {"seed": cfg.seed, "data": str(cfg.data or "wikitext-valid"),
+                   "layerwise_tokens": result.get("layerwise", {}).get("tokens", 0),
+                   "e2e_tokens": result.get("e2e", {}).get("tokens", 0), "config": cfg.to_dict()}
+        moe.calibration = summary
+    return result
+
+
+def run_calibrate(model_path, out, teacher_path, cfg: CalibrateConfig, device="cpu", resume=False,
+                  overwrite=False, progress=True) -> dict:
+    """`surgery calibrate`: load, calibrate, write the calibrated model to OUT (native format)."""
+    from surgery.modeling import load_model, load_tokenizer, save_converted
+
+    out = Path(out)
+    if out.exists() and not (overwrite or resume):
+        raise SurgeryError(f"{out}: already exists (choose another path or pass --overwrite)")
+    tokenizer = load_tokenizer(model_path)
+    student = load_model(model_path, device=device)
+    teacher = load_model(teacher_path, dtype=next(student.parameters()).dtype, device=device)
+    ckpt = out.parent / f"{out.name}.ckpt"
+    result = calibrate(student, teacher, tokenizer, cfg, ckpt, resume, progress)
+    save_converted(student, out, tokenizer_from=model_path, overwrite=True)
+    result["output"] = str(out)
+    result["checkpoint"] = str(ckpt)
+    hist = result.get("e2e", {}).pop("history", None)
+    if hist:
+        result["e2e"]["first_kd"] = hist[0]["kd"]
+        result["e2e"]["last_kd"] = hist[-1]["kd"]
+        (ckpt).mkdir(parents=True, exist_ok=True)
+        (ckpt / "history.json").write_text(json.dumps(hist) + "\n")
+    return result

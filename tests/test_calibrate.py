@@ -1,0 +1,153 @@
+"""Calibration on tiny random Llamas: layer-wise and end-to-end distillation lower their losses, the CLI
+writes a loadable model, resume continues where a run stopped and gives the same result."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import surgery
+from surgery.calibrate import (CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate, calibrate_block)
+from surgery.cli import main
+from surgery.convert import ConvertConfig, convert_model
+from surgery.moe import moe_blocks
+
+from helpers import make_llama
+
+
+def _sharpen(model):
+    """The random tiny Llama's logits are nearly flat; a larger final-norm gain gives KD something to do."""
+    with torch.no_grad():
+        model.model.norm.weight.fill_(4.0)
+        for layer in model.model.layers:
+            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                lin.weight.mul_(3.0)
+    return model
+
+
+@pytest.fixture
+def pair(tmp_path):
+    src = make_llama(tmp_path / "dense", ffn=96, layers=2)
+    teacher = _sharpen(surgery.load(src))
+    student = convert_model(_sharpen(surgery.load(src)), ConvertConfig(experts=4, top_k=1, seed=1))
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    return src, teacher, student, ids
+
+
+def test_layerwise_lowers_block_error(pair):
+    _, teacher, student, ids = pair
+    cfg = CalibrateConfig(layerwise=LayerwiseConfig(tokens=1024, ctx=64, router_steps=60, expert_epochs=2,
+                                                    expert_lr=3e-3, batch_tokens=256), e2e=None)
+    res = calibrate(student, teacher, None, cfg, ids=ids, progress=False)
+    layers = res["layerwise"]["layers"]
+    assert len(layers) == 2
+    for r in layers:
+        assert r["after"] < r["before"]
+
+
+def test_calibrate_block_router_only_never_changes_experts(pair):
+    _, teacher, student, _ = pair
+    block = moe_blocks(student)[0]
+    experts = block.experts.gate_proj.detach().clone()
+    x = torch.randn(512, 64)
+    with torch.no_grad():
+        target = teacher.model.layers[0].mlp(x)
+    r = calibrate_block(block, x, target, LayerwiseConfig(router_steps=50, expert_epochs=0))
+    assert torch.equal(block.experts.gate_proj, experts) and r["after"] <= r["before"] + 1e-6
+
+
+def _e2e_cfg(**kw):
+    return CalibrateConfig(layerwise=None, e2e=EndToEndConfig(**{"tokens": 1536, "ctx": 64, "batch_size": 2,
+                                                                 "lr": 3e-3, "checkpoint_every": 3, **kw}), seed=7)
+
+
+def test_end_to_end_lowers_distillation_loss(pair):
+    _, teacher, student, ids = pair
+    res = calibrate(student, teacher, None, _e2e_cfg(balance=0.01, concentration=0.01), ids=ids, progress=False)
+    hist = res["e2e"]["history"]
+    assert len(hist) == 12
+    first = sum(h["kd"] for h in hist[:3]) / 3
+    last = sum(h["kd"] for h in hist[-3:]) / 3
+    assert last < first
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, pair):
+    src, teacher, _, ids = pair
+
+    def fresh():
+        return convert_model(_sharpen(surgery.load(src)), ConvertConfig(experts=4, top_k=1, seed=1))
+
+    full = fresh()
+    calibrate(full, teacher, None, _e2e_cfg(), ckpt=tmp_path / "a", ids=ids, progress=False)
+    # an "interrupted" run: 6 of 12 steps, checkpointed at step 6
+    part = fresh()
+    cut = _e2e_cfg()
+    cut.e2e.tokens = 1536  # same schedule ...
+    import surgery.calibrate as cal
+
+    real = cal.run_end_to_end
+
+    class Stop(Exception):
+        pass
+
+    def stopping(*a, **k):
+        import surgery.calibrate as c2
+
+        orig = c2._save_ckpt
+
+        def save(folder, state, model, optimizer=None):
+            orig(folder, state, model, optimizer)
+            if state.get("step") == 6:
+                raise Stop
+
+        c2._save_ckpt = save
+        try:
+            return real(*a, **k)
+        finally:
+            c2._save_ckpt = orig
+
+    cal.run_end_to_end = stopping
+    try:
+        with pytest.raises(Stop):
+            calibrate(part, teacher, None, cut, ckpt=tmp_path / "b", ids=ids, progress=False)
+    finally:
+        cal.run_end_to_end = real
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 6
+    resumed = fresh()
+    res = calibrate(resumed, teacher, None, _e2e_cfg(), ckpt=tmp_path / "b", resume=True, ids=ids, progress=False)
+    assert len(res["e2e"]["history"]) == 12
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_layerwise_resume_skips_done_layers(tmp_path, pair):
+    _, teacher, student, ids = pair
+    cfg = CalibrateConfig(layerwise=LayerwiseConfig(tokens=512, ctx=64, router_steps=20), e2e=None)
+    calibrate(student, teacher, None, cfg, ckpt=tmp_path / "c", ids=ids, progress=False)
+    state = json.loads((tmp_path / "c" / "state.json").read_text())
+    assert state["stage"] == "layerwise" and state["next_layer"] == 2
+    res = calibrate(student, teacher, None, cfg, ckpt=tmp_path / "c", resume=True, ids=ids, progress=False)
+    assert len(res["layerwise"]["layers"]) == 2  # both reported, none recomputed
+    assert res["layerwise"]["layers"] == state["report"]
+
+
+def test_calibrate_cli(tmp_path, text_file):
+    src = make_llama(tmp_path / "dense", ffn=96)
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "moe"), "-E", "4", "-K", "2"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "cal"
+    args = ["calibrate", str(tmp_path / "moe"), str(out), "--teacher", str(src), "--data", str(text_file),
+            "--tokens", "512", "--layerwise-tokens", "256", "--ctx", "64", "--seed", "1", "--device", "cpu"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["e2e"]["steps"] == 2 and (out / "config.json").is_file()
+    cfg = json.loads((out / "config.json").read_text())["surgery"]
+    assert cfg["calibration"]["e2e_tokens"] == 512 and cfg["calibration"]["seed"] == 1
+    assert surgery.load(out) is not None
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = CliRunner().invoke(main, ["calibrate", str(tmp_path / "moe"), str(tmp_path / "x"), "--teacher",
+                                    str(tmp_path / "moe"), "--data", str(text_file)])
+    assert bad.exit_code == 2 and "dense" in bad.output
