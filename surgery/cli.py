@@ -77,9 +77,15 @@ def demo_model(out, dtype):
 @click.option("--top-k", "-K", type=int, required=True, help="Experts each token is routed to.")
 @click.option("--shared-experts", "-S", type=int, default=0, show_default=True,
               help="Always-on shared experts per layer (each as wide as a routed expert).")
-@click.option("--method", default="random", show_default=True, help="Neuron clustering method.")
+@click.option("--method", default="random", show_default=True,
+              help="Neuron clustering: random, weights (k-means on gate/up rows) or coactivation (needs --profile).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--router-init", default="centroid", show_default=True, help="How routers are initialised.")
+@click.option("--router-init", default="centroid", show_default=True,
+              help="How routers are initialised: centroid (from the experts' gate rows) or fitted (trained on "
+              "profiled inputs; needs --profile).")
+@click.option("--profile", "profile_path", type=click.Path(), default=None,
+              help="Profiling statistics from `surgery profile` (needed by --method coactivation and "
+              "--router-init fitted).")
 @click.option("--score-func", type=click.Choice(["softmax", "sigmoid"]), default="softmax", show_default=True)
 @click.option("--no-renormalize", is_flag=True, help="Do not renormalise the top-k scores to sum to 1.")
 @click.option("--scale", type=float, default=None, help="Routing weight scale  [default: top-k]")
@@ -89,8 +95,8 @@ def demo_model(out, dtype):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
-def convert(src, out, experts, top_k, shared_experts, method, seed, router_init, score_func, no_renormalize,
-            scale, dtype, max_shard_size, overwrite, json_path):
+def convert(src, out, experts, top_k, shared_experts, method, seed, router_init, profile_path, score_func,
+            no_renormalize, scale, dtype, max_shard_size, overwrite, json_path):
     """Split every FFN of the dense model SRC (folder or .gguf) into experts; write the MoE model to OUT.
 
     Each layer's intermediate neurons are partitioned into EXPERTS routed experts (plus SHARED-EXPERTS
@@ -103,6 +109,10 @@ def convert(src, out, experts, top_k, shared_experts, method, seed, router_init,
     cfg = ConvertConfig(experts=experts, top_k=top_k, shared_experts=shared_experts, method=method, seed=seed,
                         router_init=router_init, score_func=score_func, renormalize=not no_renormalize,
                         scale=scale, dtype=dtype, max_shard_size=max_shard_size)
+    if profile_path is not None:
+        from surgery.profile import load_profile
+
+        cfg.stats, _ = load_profile(profile_path)
     _emit(run_convert(src, out, cfg, overwrite=overwrite), json_path)
 
 
@@ -291,6 +301,104 @@ def export_cmd(model_path, out, fmt, dtype, max_shard_size, perplexity_json, ove
 
     _emit(export_model(model_path, out, fmt, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                        perplexity_json=perplexity_json), json_path)
+
+
+# ---- calibration quality: profile, calibrate, run (issue 4) -------------------------------------------
+
+@main.command("profile")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--data", default=None, help="Text or JSONL file, or 'sample' (text sampled from MODEL itself)  "
+              "[default: ../shared/data/wikitext-2/valid.txt]")
+@click.option("--tokens", type=int, default=16384, show_default=True, help="Token budget.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length.")
+@click.option("--samples", type=int, default=4096, show_default=True, help="FFN inputs kept per layer.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda  [default: cuda if available]")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
+@_friendly
+def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, device, json_path):
+    """Stream calibration text through the dense MODEL; write per-layer FFN statistics to OUT (a .pt file).
+
+    Keeps a reservoir sample of FFN inputs per layer (activations are recomputed from it) and per-neuron
+    activation statistics; memory is bounded by --samples, whatever --tokens is. Use it with
+    `surgery convert --profile OUT --method coactivation --router-init fitted`."""
+    import torch
+
+    from surgery.profile import ProfileConfig, run_profile
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ProfileConfig(tokens=tokens, ctx=ctx, samples=samples, batch_size=batch_size, seed=seed)
+    _emit(run_profile(model_path, out, cfg, data=data, device=device), json_path)
+
+
+@main.command("calibrate")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--teacher", type=click.Path(), required=True, help="The dense model MODEL was converted from.")
+@click.option("--data", default=None, help="Text or JSONL file, or 'sample' (text sampled from the teacher)  "
+              "[default: ../shared/data/wikitext-2/valid.txt]")
+@click.option("--tokens", type=int, default=32768, show_default=True, help="End-to-end token budget (0: skip).")
+@click.option("--layerwise-tokens", type=int, default=8192, show_default=True, help="Layer-wise tokens (0: skip).")
+@click.option("--expert-epochs", type=float, default=0.0, show_default=True,
+              help="Layer-wise: passes training experts with the router (0: router only).")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Training window length.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="End-to-end windows per step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="End-to-end learning rate.")
+@click.option("--train", type=click.Choice(["moe", "router"]), default="moe", show_default=True,
+              help="End-to-end: train routers + experts, or routers only.")
+@click.option("--balance", type=float, default=0.0, show_default=True, help="Load-balancing loss weight.")
+@click.option("--concentration", type=float, default=0.0, show_default=True, help="Load-concentration loss weight.")
+@click.option("--prior-weight", type=float, default=1.0, show_default=True,
+              help="Layer-wise prior-approximate (oracle experts) router loss weight.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda  [default: cuda if available; bf16 autocast on GPU]")
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written after every layer and every "
+              "50 steps).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
+@_friendly
+def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
+                  train, balance, concentration, prior_weight, seed, device, resume, overwrite, json_path):
+    """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
+
+    \b
+    1. layer-wise, on the student's own inputs, layer after layer: each MoE block is fitted to the dense
+       FFN's output (routers on cached expert outputs; experts too with --expert-epochs);
+    2. end-to-end: KL from the teacher's logits, MoE parameters only, with optional router losses.
+    """
+    import torch
+
+    from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, run_calibrate
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lw = LayerwiseConfig(tokens=layerwise_tokens, ctx=ctx, expert_epochs=expert_epochs, prior_weight=prior_weight,
+                         balance=balance, concentration=concentration) if layerwise_tokens > 0 else None
+    e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, balance=balance,
+                         concentration=concentration) if tokens > 0 else None
+    cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
+    _emit(run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite), json_path)
+
+
+@main.command("run")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path())
+@click.option("--out", type=click.Path(), required=True, help="Run folder (rerun with the same --out to resume).")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the report JSON here.")
+@_friendly
+def run_cmd(recipe_path, out, json_path):
+    """Run a recipe (recipes/*.yaml): profile -> convert -> calibrate -> evaluate, resumably.
+
+    Writes OUT/model/ (native format), OUT/report.json (dense and converted perplexities, active FFN fraction,
+    per-layer expert load, tokens and seconds per stage, machine) and PNG plots of expert load and of
+    perplexity against active fraction."""
+    from surgery.recipe import Recipe, run_recipe
+
+    report = run_recipe(Recipe.load(recipe_path), out, recipe_path=str(recipe_path))
+    _emit({"out": out, "perplexity": report["perplexity"], "active_ffn_fraction": report["active_ffn_fraction"],
+           "pipeline_seconds": report["pipeline_seconds"]}, None)
+    if json_path:
+        _emit(report, json_path, as_json=False)
 
 
 if __name__ == "__main__":

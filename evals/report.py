@@ -1,0 +1,159 @@
+"""Report: expert load, machine description, JSON report, plots, and the quality table of results/quality/."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "cpu": platform.machine(), "cpu_cores": os.cpu_count(),
+            "torch": torch.__version__}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info["summary"] = (f"{info['gpu']}" if "gpu" in info else
+                       f"CPU, {info['cpu_cores']} cores, {info.get('memory_gib', '?')} GiB")
+    return info
+
+
+@contextlib.contextmanager
+def expert_load(model):
+    """Count, per MoE layer, how many (token, slot) routing decisions went to each expert while the block is
+    active. Yields a dict that is filled in place: {"counts": [[...E] per layer]}."""
+    from surgery.moe import moe_blocks
+
+    blocks = moe_blocks(model)
+    result = {"counts": [[0] * b.num_experts for b in blocks]}
+    hooks = []
+
+    def make(i, block):
+        def hook(module, args, output):
+            lg = module.last_router_logits
+            if lg is None or module.dense_routing:
+                return
+            ids = lg.topk(module.routing.top_k, dim=-1).indices
+            c = torch.bincount(ids.reshape(-1).cpu(), minlength=module.num_experts).tolist()
+            result["counts"][i] = [a + b for a, b in zip(result["counts"][i], c)]
+            module.last_router_logits = None
+        return hook
+
+    for i, b in enumerate(blocks):
+        hooks.append(b.register_forward_hook(make(i, b)))
+    try:
+        yield result
+    finally:
+        for h in hooks:
+            h.remove()
+        counts = result["counts"]
+        result["fractions"] = [[round(c / max(sum(row), 1), 5) for c in row] for row in counts]
+        # max load / mean load per layer: 1.0 is perfectly balanced
+        result["imbalance"] = [round(max(row) * len(row) / max(sum(row), 1), 4) for row in counts]
+
+
+def plot_expert_load(fractions: list[list[float]], path, title: str = "expert load") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = torch.tensor(fractions).numpy()
+    fig, ax = plt.subplots(figsize=(max(4, data.shape[1] * 0.5 + 2), max(3, data.shape[0] * 0.2 + 1)))
+    im = ax.imshow(data, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="fraction of routing decisions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_ppl_vs_active(points: list[dict], path, title: str = "perplexity vs active FFN fraction") -> Path:
+    """points: {"label", "active", "dataset", "perplexity"}; one line per dataset (log-scale perplexity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ds in sorted({p["dataset"] for p in points}):
+        pts = sorted((p for p in points if p["dataset"] == ds), key=lambda p: p["active"])
+        ax.plot([p["active"] for p in pts], [p["perplexity"] for p in pts], "o-", label=ds)
+        for p in pts:
+            ax.annotate(p["label"], (p["active"], p["perplexity"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("active FFN fraction")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def quality_rows(folder) -> list[dict]:
+    """Every results/quality/*.json written by `surgery run` (report.json copies) as flat table rows."""
+    rows = []
+    for p in sorted(Path(folder).glob("*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        if "evaluations" not in r:
+            continue
+        dense = {e["dataset"]: e["perplexity"] for e in r["evaluations"] if e["stage"] == "dense"}
+        for e in r["evaluations"]:
+            if e["stage"] == "dense":
+                continue
+            rows.append({"file": p.name, "recipe": r.get("recipe", {}).get("name", p.stem),
+                         "method": r.get("method", ""), "stage": e["stage"], "dataset": e["dataset"],
+                         "active": e.get("active_ffn_fraction"), "perplexity": e["perplexity"],
+                         "ratio": e["perplexity"] / dense[e["dataset"]] if e["dataset"] in dense else None,
+                         "tokens": r.get("calibration_tokens", {}).get(e["stage"], 0),
+                         "seconds": r.get("seconds_to_stage", {}).get(e["stage"]),
+                         "machine": r.get("machine", {}).get("summary", "")})
+    return rows
+
+
+STAGE_NAMES = {"converted": "none", "layerwise": "layer-wise", "e2e": "layer-wise + end-to-end"}
+
+
+def quality_table(folder) -> str:
+    """Markdown: one row per (run, calibration stage) with WikiText and stdlib perplexities side by side."""
+    rows = quality_rows(folder)
+    by = {}
+    for r in rows:
+        key = (r["file"], r["stage"])
+        by.setdefault(key, dict(r))[r["dataset"]] = (r["perplexity"], r["ratio"])
+    lines = ["| run | method | calibration | active FFN | WikiText-2 ppl (x dense) | stdlib ppl (x dense) | "
+             "calibration tokens | time to stage (s) | machine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(v):
+        return f"{v[0]:.2f} ({v[1]:.2f}x)" if v and v[1] is not None else (f"{v[0]:.2f}" if v else "-")
+
+    for (f, stage), r in sorted(by.items(), key=lambda kv: (kv[0][0], list(STAGE_NAMES).index(kv[0][1])
+                                                           if kv[0][1] in STAGE_NAMES else 9)):
+        lines.append(f"| {r['recipe']} | {r['method']} | {STAGE_NAMES.get(stage, stage)} | "
+                     f"{(r['active'] or 0) * 100:.0f}% | {cell(r.get('wikitext'))} | {cell(r.get('stdlib'))} | "
+                     f"{r['tokens']:,} | {r['seconds'] if r['seconds'] is not None else '-'} | {r['machine']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,321 @@
+"""Recipes: one YAML file runs the whole pipeline, resumably.
+
+    source -> profile -> convert (cluster + factorize + route) -> layerwise -> e2e -> evaluate
+
+A recipe is the library's own dataclasses in YAML (ProfileConfig, ConvertConfig, CalibrateConfig's two
+stages) plus an `evaluate` block. `surgery run RECIPE --out DIR` writes
+    DIR/profile.pt            profiling statistics
+    DIR/stages/<stage>/       the model after each stage but the last
+    DIR/model/                the final model (native format)
+    DIR/report.json           dense and converted perplexities, active FFN fraction, per-layer expert load,
+                              tokens and seconds per stage, machine
+    DIR/expert_load.png, DIR/perplexity_vs_active.png
+    DIR/state.json            which stages are done (a rerun skips them: resumable)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgery.errors import SurgeryError
+
+EVAL_DATA = {"wikitext": "wikitext-test", "stdlib": "stdlib"}
+
+
+@dataclass
+class EvaluateConfig:
+    ctx: int = 1024
+    batch_size: int = 1
+    # dataset name -> max tokens; names: wikitext (WikiText-2 test), stdlib (Python stdlib source), or paths
+    datasets: dict = field(default_factory=lambda: {"wikitext": 40960, "stdlib": 40960})
+    stages: list = field(default_factory=lambda: ["final"])  # also "converted", "layerwise" for the table
+    load_tokens: int = 0  # 0: count expert load during the first dataset's evaluation
+
+
+@dataclass
+class Recipe:
+    name: str
+    source: str  # a dense folder / .gguf, or "demo" (SmolLM2-135M-Instruct, built once and cached)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    profile: dict = field(default_factory=dict)  # ProfileConfig fields + data
+    convert: dict = field(default_factory=dict)  # ConvertConfig fields
+    layerwise: dict | None = None  # LayerwiseConfig fields, or null to skip
+    e2e: dict | None = None  # EndToEndConfig fields, or null to skip
+    calibration_data: str | None = None  # for layerwise/e2e: path, "sample", or default WikiText-2 valid
+    evaluate: dict = field(default_factory=dict)
+    time_budget_s: float | None = None  # the recipe's stated budget (reported, not enforced)
+
+    @classmethod
+    def load(cls, path) -> "Recipe":
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise SurgeryError(f"{p}: no such recipe file")
+        try:
+            d = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise SurgeryError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(d, dict):
+            raise SurgeryError(f"{p}: a recipe is a YAML mapping")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SurgeryError(f"{p}: unknown recipe keys {sorted(unknown)}")
+        try:
+            r = cls(**d)
+        except TypeError as e:
+            raise SurgeryError(f"{p}: {e}") from None
+        r.check()
+        return r
+
+    def check(self) -> None:
+        from surgery.calibrate import EndToEndConfig, LayerwiseConfig
+        from surgery.convert import ConvertConfig
+        from surgery.profile import ProfileConfig
+
+        try:
+            ProfileConfig(**{k: v for k, v in self.profile.items() if k != "data"})
+            ConvertConfig(**self.convert)
+            if self.layerwise is not None:
+                LayerwiseConfig(**self.layerwise)
+            if self.e2e is not None:
+                EndToEndConfig(**self.e2e)
+            EvaluateConfig(**self.evaluate)
+        except TypeError as e:
+            raise SurgeryError(f"recipe {self.name!r}: {e}") from None
+
+    def stages(self) -> list[str]:
+        return ["profile", "convert"] + (["layerwise"] if self.layerwise is not None else []) + \
+            (["e2e"] if self.e2e is not None else []) + ["evaluate"]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _source_path(recipe: Recipe) -> Path:
+    if recipe.source == "demo":
+        from surgery.demo import build_demo_model, cache_dir
+
+        return Path(build_demo_model(cache_dir() / f"demo-smollm2-{recipe.dtype}", recipe.dtype, progress=False))
+    return Path(recipe.source)
+
+
+class _State:
+    def __init__(self, out: Path):
+        self.path = out / "state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+
+    def done(self, stage: str) -> dict | None:
+        return self.data["stages"].get(stage)
+
+    def mark(self, stage: str, info: dict) -> None:
+        self.data["stages"][stage] = info
+        from surgery.atomic import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+
+
+def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | None = None) -> dict:
+    from surgery.calibrate import (CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate)
+    from surgery.convert import ConvertConfig, convert
+    from surgery.modeling import load_model, load_tokenizer, save_converted
+    from surgery.profile import ProfileConfig, calibration_ids, load_profile, profile_model, save_profile
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _State(out)
+    prev_recipe = state.data.get("recipe")
+    if prev_recipe is not None and prev_recipe != asdict(recipe):
+        raise SurgeryError(f"{out}: was started with a different recipe; use a fresh --out or delete {out}")
+    state.data["recipe"] = asdict(recipe)
+    device = _device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    src = _source_path(recipe)
+    stages = recipe.stages()
+    model_stages = [s for s in stages if s in ("convert", "layerwise", "e2e")]
+
+    def stage_dir(s):
+        return out / "model" if s == model_stages[-1] else out / "stages" / s
+
+    tokenizer = load_tokenizer(src)
+    dense = None
+
+    def get_dense():
+        nonlocal dense
+        if dense is None:
+            dense = load_model(src, dtype=recipe.dtype, device=device)
+        return dense
+
+    # 1. profile
+    prof_path = out / "profile.pt"
+    if not (state.done("profile") and prof_path.is_file()):
+        t0 = time.time()
+        pcfg = dict(recipe.profile)
+        data = pcfg.pop("data", None)
+        pc = ProfileConfig(seed=recipe.seed, **pcfg)
+        ids = calibration_ids(tokenizer, data, pc.tokens, get_dense(), recipe.seed, progress)
+        stats = profile_model(get_dense(), ids, pc, progress)
+        save_profile(stats, prof_path, {"data": str(data or "wikitext-valid"), "config": asdict(pc)})
+        state.mark("profile", {"tokens": int(stats[0].tokens), "seconds": round(time.time() - t0, 2)})
+    # 2. convert
+    if not (state.done("convert") and stage_dir("convert").is_dir()):
+        t0 = time.time()
+        stats, _ = load_profile(prof_path)
+        cc = ConvertConfig(**{"seed": recipe.seed, **recipe.convert})
+        cc.stats = stats
+        summary = convert(src, stage_dir("convert"), cc, overwrite=True, progress=progress)
+        state.mark("convert", {"seconds": round(time.time() - t0, 2), "tokens": 0,
+                               "active_ffn_fraction": summary["active_ffn_fraction"]})
+    # 3-4. calibration stages, each from the previous stage's model
+    prev = "convert"
+    for s in ("layerwise", "e2e"):
+        if s not in stages:
+            continue
+        if not (state.done(s) and stage_dir(s).is_dir()):
+            t0 = time.time()
+            student = load_model(stage_dir(prev), device=device)
+            cfg = CalibrateConfig(layerwise=LayerwiseConfig(**recipe.layerwise) if s == "layerwise" else None,
+                                  e2e=EndToEndConfig(**recipe.e2e) if s == "e2e" else None,
+                                  seed=recipe.seed, data=recipe.calibration_data)
+            res = calibrate(student, get_dense(), tokenizer, cfg, ckpt=out / "checkpoints" / s, resume=True,
+                            progress=progress)
+            save_converted(student, stage_dir(s), tokenizer_from=src, overwrite=True)
+            tokens = res.get("layerwise", {}).get("tokens", 0) if s == "layerwise" else res["e2e"]["tokens"]
+            info = {"seconds": round(time.time() - t0, 2), "tokens": tokens}
+            if s == "e2e":
+                hist = res["e2e"]["history"]
+                info["curve"] = _curve(hist)
+            else:
+                info["layers"] = res.get("layerwise", {}).get("layers", [])
+            state.mark(s, info)
+            del student
+        prev = s
+    # 5. evaluate
+    report = _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress)
+    report["recipe_file"] = recipe_path
+    from surgery.atomic import atomic_write_text
+
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _curve(hist: list[dict], points: int = 20) -> list[dict]:
+    """Smoothed KD / CE against tokens: ~`points` averages over equal slices of the run."""
+    if not hist:
+        return []
+    n = max(1, len(hist) // points)
+    out = []
+    for i in range(0, len(hist), n):
+        sl = hist[i:i + n]
+        out.append({"tokens": sl[-1]["tokens"], "kd": round(sum(h["kd"] for h in sl) / len(sl), 5),
+                    "ce": round(sum(h["ce"] for h in sl) / len(sl), 5)})
+    return out
+
+
+def _dense_cache_key(src: Path, data: Path, tokens: int, ctx: int, dtype: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(src.glob("*.safetensors")) if src.is_dir() else [src]:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    h.update(f"{data.name}:{data.stat().st_size}:{tokens}:{ctx}:{dtype}".encode())
+    return h.hexdigest()[:16]
+
+
+def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress):
+    from surgery.data import resolve_data
+    from surgery.demo import cache_dir
+    from surgery.modeling import load_model
+    from surgery_evals.perplexity import perplexity
+    from surgery_evals.report import expert_load, machine, plot_expert_load, plot_ppl_vs_active
+
+    ec = EvaluateConfig(**recipe.evaluate)
+    names = {"convert": "converted", "layerwise": "layerwise", "e2e": "e2e"}
+    wanted = []
+    for s in ec.stages:
+        s = model_stages[-1] if s == "final" else ("convert" if s == "converted" else s)
+        if s not in model_stages:
+            raise SurgeryError(f"recipe {recipe.name!r}: evaluate.stages names {s!r}, which this recipe does not run")
+        if s not in wanted:
+            wanted.append(s)
+    done = {(e["stage"], e["dataset"]): e for e in state.data.get("evaluations", [])}
+
+    def record(e):
+        done[(e["stage"], e["dataset"])] = e
+        state.data["evaluations"] = list(done.values())
+        state.mark("evaluate-partial", {"count": len(done)})
+
+    load = state.data.get("expert_load")
+    for ds, max_tokens in ec.datasets.items():
+        data = resolve_data(EVAL_DATA.get(ds, ds))
+        if ("dense", ds) not in done:
+            cache = cache_dir() / "dense-perplexity" / f"{_dense_cache_key(src, data, max_tokens, ec.ctx, recipe.dtype)}.json"
+            if cache.is_file():
+                r = json.loads(cache.read_text())
+                r["cached"] = True
+            else:
+                r = perplexity(get_dense(), tokenizer, data, max_tokens, ec.ctx, ec.batch_size, progress)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(r, indent=2) + "\n")
+            record({**r, "stage": "dense", "dataset": ds, "active_ffn_fraction": 1.0})
+    for s in wanted:
+        model = None
+        for j, (ds, max_tokens) in enumerate(ec.datasets.items()):
+            if (names[s], ds) in done:
+                continue
+            if model is None:
+                model = load_model(stage_dir(s), device=device)
+            data = resolve_data(EVAL_DATA.get(ds, ds))
+            count_load = s == model_stages[-1] and j == 0
+            with expert_load(model) as el:
+                r = perplexity(model, tokenizer, data, max_tokens, ec.ctx, ec.batch_size, progress)
+            if count_load:
+                load = {"dataset": ds, **el}
+                state.data["expert_load"] = load
+            record({**r, "stage": names[s], "dataset": ds})
+        del model
+    stages_info = {k: v for k, v in state.data["stages"].items() if k != "evaluate-partial"}
+    order = ["profile", "convert", "layerwise", "e2e"]
+    cum, seconds_to, tokens_to, tok = 0.0, {}, {}, 0
+    for k in order:
+        if k in stages_info:
+            cum += stages_info[k].get("seconds", 0)
+            tok += stages_info[k].get("tokens", 0)
+            if k in names:
+                seconds_to[names[k]] = round(cum, 1)
+                tokens_to[names[k]] = tok
+    evaluations = list(done.values())
+    moe_cfg = json.loads((stage_dir(model_stages[-1]) / "config.json").read_text())["surgery"]
+    report = {
+        "recipe": asdict(recipe),
+        "method": f"{moe_cfg['method']} E{moe_cfg['num_experts']} S{moe_cfg['shared_experts']} "
+                  f"K{moe_cfg['top_k']} router={moe_cfg['router_init']}",
+        "active_ffn_fraction": moe_cfg["active_ffn_fraction"],
+        "routing": moe_cfg["routing"],
+        "evaluations": evaluations,
+        "perplexity": {f"{e['stage']}/{e['dataset']}": round(e["perplexity"], 4) for e in evaluations},
+        "expert_load": load,
+        "stages": stages_info,
+        "seconds_to_stage": seconds_to,
+        "calibration_tokens": tokens_to,
+        "pipeline_seconds": round(cum, 1),
+        "machine": machine(),
+    }
+    if load:
+        plot_expert_load(load["fractions"], out / "expert_load.png", f"{recipe.name}: expert load ({load['dataset']})")
+    points = [{"label": e["stage"], "active": e.get("active_ffn_fraction", 1.0), "dataset": e["dataset"],
+               "perplexity": e["perplexity"]} for e in evaluations]
+    plot_ppl_vs_active(points, out / "perplexity_vs_active.png", f"{recipe.name}")
+    state.mark("evaluate", {"count": len(evaluations)})
+    return report

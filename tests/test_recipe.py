@@ -1,0 +1,98 @@
+"""Recipes: the whole pipeline on a tiny random Llama, its report and plots, resume, and the shipped YAMLs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import surgery
+from surgery.cli import main
+from surgery.errors import SurgeryError
+from surgery.recipe import Recipe, run_recipe
+
+from helpers import make_llama
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipe(tmp_path, src, text_file, **over):
+    d = {
+        "name": "tiny", "source": str(src), "seed": 0, "device": "cpu",
+        "profile": {"data": str(text_file), "tokens": 512, "ctx": 64, "samples": 256},
+        "convert": {"experts": 6, "shared_experts": 2, "top_k": 2, "method": "coactivation", "router_init": "fitted"},
+        "layerwise": {"tokens": 256, "ctx": 64, "router_steps": 10},
+        "e2e": {"tokens": 256, "ctx": 64, "batch_size": 2, "lr": 1e-3},
+        "calibration_data": str(text_file),
+        "evaluate": {"ctx": 64, "datasets": {str(text_file): 256}, "stages": ["converted", "layerwise", "final"]},
+    }
+    d.update(over)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_recipe_runs_and_resumes(tmp_path, text_file):
+    src = make_llama(tmp_path / "dense", ffn=96)
+    path = _recipe(tmp_path, src, text_file)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["run", str(path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    stages = {(e["stage"]) for e in report["evaluations"]}
+    assert stages == {"dense", "converted", "layerwise", "e2e"}
+    assert report["active_ffn_fraction"] == pytest.approx(0.5)
+    assert len(report["expert_load"]["counts"]) == 2 and len(report["expert_load"]["counts"][0]) == 6
+    assert set(report["stages"]) >= {"profile", "convert", "layerwise", "e2e"}
+    assert report["stages"]["e2e"]["tokens"] == 256 and report["machine"]["summary"]
+    assert (out / "expert_load.png").stat().st_size > 0 and (out / "perplexity_vs_active.png").stat().st_size > 0
+    assert surgery.load(out / "model").surgery_config.calibration["e2e_tokens"] == 256
+    # a rerun finds every stage done and does no work
+    before = (out / "model" / "config.json").stat().st_mtime_ns
+    again = run_recipe(Recipe.load(path), out, progress=False)
+    assert (out / "model" / "config.json").stat().st_mtime_ns == before
+    assert again["perplexity"] == report["perplexity"]
+
+
+def test_recipe_resumes_after_a_lost_stage(tmp_path, text_file):
+    src = make_llama(tmp_path / "dense", ffn=96)
+    path = _recipe(tmp_path, src, text_file, e2e=None, evaluate={"ctx": 64, "datasets": {str(text_file): 128}})
+    out = tmp_path / "run"
+    run_recipe(Recipe.load(path), out, progress=False)
+    state = json.loads((out / "state.json").read_text())
+    del state["stages"]["layerwise"]
+    (out / "state.json").write_text(json.dumps(state))
+    profile_mtime = (out / "profile.pt").stat().st_mtime_ns
+    report = run_recipe(Recipe.load(path), out, progress=False)
+    assert (out / "profile.pt").stat().st_mtime_ns == profile_mtime  # not redone
+    assert "layerwise" in report["stages"]
+
+
+def test_recipe_errors(tmp_path, text_file):
+    src = make_llama(tmp_path / "dense", ffn=96)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsource: y\nbogus: 1\n")
+    with pytest.raises(SurgeryError, match="unknown recipe keys"):
+        Recipe.load(bad)
+    bad.write_text("name: x\nsource: y\nconvert: {experts: 4, top_k: 2, nope: 1}\n")
+    with pytest.raises(SurgeryError, match="nope"):
+        Recipe.load(bad)
+    path = _recipe(tmp_path, src, text_file, layerwise=None, e2e=None,
+                   evaluate={"ctx": 64, "datasets": {str(text_file): 128}})
+    out = tmp_path / "run"
+    run_recipe(Recipe.load(path), out, progress=False)
+    other = _recipe(tmp_path, src, text_file, seed=5, layerwise=None, e2e=None)
+    with pytest.raises(SurgeryError, match="different recipe"):
+        run_recipe(Recipe.load(other), out, progress=False)
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    r = Recipe.load(path)
+    assert r.source == "demo"
+    E, S, K = r.convert["experts"], r.convert.get("shared_experts", 0), r.convert["top_k"]
+    active = (K + S) / (E + S)  # equal-sized groups
+    want = 0.5 if "50pct" in path.name else 0.25
+    assert active == pytest.approx(want)
+    assert set(r.evaluate["datasets"]) == {"wikitext", "stdlib"}
