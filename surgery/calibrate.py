@@ -41,6 +41,7 @@ class LayerwiseConfig:
     prior_weight: float = 1.0  # FactorLLM prior-approximate loss against the oracle top-k
     expert_epochs: float = 0.0  # passes of joint router + expert training on the real block (0: router only)
     expert_lr: float = 1e-4
+    expert_prior_weight: float = 0.0  # prior-approx loss while training experts (costs a pass over all experts)
     batch_tokens: int = 1024
     balance: float = 0.0
     concentration: float = 0.0
@@ -54,7 +55,8 @@ class EndToEndConfig:
     lr: float = 1e-4
     warmup: float = 0.05  # fraction of steps
     temperature: float = 1.0
-    train: str = "moe"  # "moe": routers + experts + shared experts; "router": routers only
+    train: str = "moe"  # "moe": routers + experts + shared experts; "router": routers only;
+    # "all": every decoder-layer weight (attention and norms too), never the embeddings
     balance: float = 0.0
     concentration: float = 0.0
     prior_weight: float = 0.0  # prior-approximate loss against each token's oracle experts (costs compute)
@@ -136,7 +138,7 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
     target = target_ND.detach().float()
     with torch.no_grad():
         shared = block.shared_expert(x.to(block.router.weight.dtype)).float() if block.shared_expert is not None else 0.0
-        before = losses.relative_mse(block(x.to(block.router.weight.dtype)).float(), target).item()
+        before = losses.block_error(block(x.to(block.router.weight.dtype)).float(), target).item()
     stats = {"before": before}
     if cfg.router_steps > 0:
         y = _expert_outputs(block, x)
@@ -156,13 +158,13 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
         for _ in range(steps):
             idx = torch.randint(0, N, (min(cfg.batch_tokens, N),), generator=g)
             xb = x[idx].to(block.router.weight.dtype)
-            loss = losses.relative_mse(block(xb), target[idx])
+            loss = losses.block_error(block(xb), target[idx])
             lg = block.last_router_logits
-            if cfg.prior_weight:
+            if cfg.expert_prior_weight:
                 with torch.no_grad():
                     scores = oracle_scores(_expert_outputs(block, xb), target[idx] - (
                         block.shared_expert(xb).float() if block.shared_expert is not None else 0.0))
-                loss = loss + cfg.prior_weight * losses.prior_approx(lg, losses.topk_prior(scores, block.routing.top_k))
+                loss = loss + cfg.expert_prior_weight * losses.prior_approx(lg, losses.topk_prior(scores, block.routing.top_k))
             loss = loss + losses.router_aux([lg], cfg.balance, cfg.concentration)
             opt.zero_grad()
             loss.backward()
@@ -171,7 +173,7 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
             p.requires_grad_(False)
         block.last_router_logits = None
     with torch.no_grad():
-        stats["after"] = losses.relative_mse(block(x.to(block.router.weight.dtype)).float(), target).item()
+        stats["after"] = losses.block_error(block(x.to(block.router.weight.dtype)).float(), target).item()
     block.last_router_logits = None
     return stats
 
@@ -182,13 +184,15 @@ def _teacher_ffn(teacher, l):
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
 
-def _moe_state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".mlp." in k}
+def _moe_state(model, all_layers: bool = False) -> dict:
+    """What calibration changes: the MoE blocks, or with e2e.train=all every decoder layer."""
+    keep = "model.layers." if all_layers else ".mlp."
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if keep in k}
 
 
-def _save_ckpt(folder: Path, state: dict, model, optimizer=None) -> None:
+def _save_ckpt(folder: Path, state: dict, model, optimizer=None, all_layers: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    blob = {"state": state, "params": _moe_state(model), "rng": torch.get_rng_state()}
+    blob = {"state": state, "params": _moe_state(model, all_layers), "rng": torch.get_rng_state()}
     if optimizer is not None:
         blob["optimizer"] = optimizer.state_dict()
     tmp = folder / f".ckpt.pt.tmp-{os.getpid()}"
@@ -269,8 +273,11 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     for p in student.parameters():
         p.requires_grad_(False)
     blocks = moe_blocks(student)
+    if cfg.train not in ("moe", "router", "all"):
+        raise SurgeryError(f"e2e.train {cfg.train!r}: choose moe, router or all")
     params = []
-    for b in blocks:
+    owners = student.model.layers if cfg.train == "all" else blocks
+    for b in owners:
         ps = [b.router.weight] if cfg.train == "router" else list(b.parameters())
         for p in ps:
             p.requires_grad_(True)
@@ -316,7 +323,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         bar.set_postfix(kd=f"{ema_kd:.4f}", ppl=f"{math.exp(ema_ce):.2f}")
         bar.update(1)
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
-            _save_ckpt(ckpt, {"stage": "e2e", "step": step + 1, "history": history}, student, opt)
+            _save_ckpt(ckpt, {"stage": "e2e", "step": step + 1, "history": history}, student, opt,
+                       all_layers=cfg.train == "all")
     bar.close()
     for p in student.parameters():
         p.requires_grad_(False)

@@ -346,8 +346,8 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--ctx", type=int, default=256, show_default=True, help="Training window length.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="End-to-end windows per step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="End-to-end learning rate.")
-@click.option("--train", type=click.Choice(["moe", "router"]), default="moe", show_default=True,
-              help="End-to-end: train routers + experts, or routers only.")
+@click.option("--train", type=click.Choice(["moe", "router", "all"]), default="moe", show_default=True,
+              help="End-to-end: train routers + experts, routers only, or every decoder-layer weight.")
 @click.option("--balance", type=float, default=0.0, show_default=True, help="Load-balancing loss weight.")
 @click.option("--concentration", type=float, default=0.0, show_default=True, help="Load-concentration loss weight.")
 @click.option("--prior-weight", type=float, default=1.0, show_default=True,

@@ -10,6 +10,10 @@ Router losses take router logits [T, E] (float32, as MoEBlock.last_router_logits
                       (e.g. the oracle top-k of which experts' outputs matter); 0 at the prior's entropy.
 Output losses:
   * relative_mse      ||y - target||^2 / ||target||^2 averaged over tokens' squared norms (layer-wise).
+  * token_relative_mse the mean over tokens of each token's own ||y - t||^2 / ||t||^2.
+  * block_error       their sum, the layer-wise objective: the pooled error alone is ruled by a few
+                      "massive activation" tokens (the first position: in SmolLM2 one token holds 95-100% of
+                      the squared FFN output in layers 11 and 28), the per-token error alone lets those drift.
   * kd                KL(teacher || student) on logits at temperature tau, times tau^2 (end-to-end).
 """
 
@@ -51,6 +55,15 @@ def topk_prior(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
 
 def relative_mse(y_TD: torch.Tensor, target_TD: torch.Tensor) -> torch.Tensor:
     return (y_TD.float() - target_TD.float()).pow(2).sum(-1).mean() / target_TD.float().pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+def token_relative_mse(y_TD: torch.Tensor, target_TD: torch.Tensor) -> torch.Tensor:
+    t = target_TD.float()
+    return ((y_TD.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def block_error(y_TD: torch.Tensor, target_TD: torch.Tensor) -> torch.Tensor:
+    return relative_mse(y_TD, target_TD) + token_relative_mse(y_TD, target_TD)
 
 
 def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -34,6 +34,7 @@ class EvaluateConfig:
     # dataset name -> max tokens; names: wikitext (WikiText-2 test), stdlib (Python stdlib source), or paths
     datasets: dict = field(default_factory=lambda: {"wikitext": 40960, "stdlib": 40960})
     stages: list = field(default_factory=lambda: ["final"])  # also "converted", "layerwise" for the table
+    intermediate_datasets: list | None = None  # datasets for stages before the final one (None: all of them)
     load_tokens: int = 0  # 0: count expert load during the first dataset's evaluation
 
 
@@ -87,9 +88,13 @@ class Recipe:
                 LayerwiseConfig(**self.layerwise)
             if self.e2e is not None:
                 EndToEndConfig(**self.e2e)
-            EvaluateConfig(**self.evaluate)
+            ec = EvaluateConfig(**self.evaluate)
         except TypeError as e:
             raise SurgeryError(f"recipe {self.name!r}: {e}") from None
+        extra = set(ec.intermediate_datasets or []) - set(ec.datasets)
+        if extra:
+            raise SurgeryError(f"recipe {self.name!r}: evaluate.intermediate_datasets names {sorted(extra)}, "
+                               f"which evaluate.datasets does not list")
 
     def stages(self) -> list[str]:
         return ["profile", "convert"] + (["layerwise"] if self.layerwise is not None else []) + \
@@ -273,6 +278,8 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
         model = None
         for j, (ds, max_tokens) in enumerate(ec.datasets.items()):
             if (names[s], ds) in done:
+                continue
+            if s != model_stages[-1] and ec.intermediate_datasets is not None and ds not in ec.intermediate_datasets:
                 continue
             if model is None:
                 model = load_model(stage_dir(s), device=device)

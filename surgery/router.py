@@ -83,7 +83,8 @@ def fit_router(x_ND: torch.Tensor, y_NED: torch.Tensor, target_ND: torch.Tensor,
                w0_ED: torch.Tensor | None = None, steps: int = 300, lr: float = 1e-2, prior_weight: float = 1.0,
                batch: int = 4096, seed: int = 0) -> torch.Tensor:
     """Train a router [E, D] on fixed expert outputs so that routing reproduces `target` (the routed part of
-    the dense FFN output): relative squared error of the routed combination, plus `prior_weight` times the
+    the dense FFN output): relative squared error of the routed combination (pooled plus per token, as
+    losses.block_error), plus `prior_weight` times the
     cross-entropy of the router's softmax against the oracle top-k labels (FactorLLM's prior-approximate
     loss). Starts from least squares onto the standardised oracle scores unless w0 is given.
 
@@ -106,12 +107,14 @@ def fit_router(x_ND: torch.Tensor, y_NED: torch.Tensor, target_ND: torch.Tensor,
     opt = torch.optim.Adam([W], lr=lr)
     g = torch.Generator().manual_seed(seed)
     cnorm = c.mean().clamp_min(1e-12)
+    ctok = c.clamp_min(1e-12)
     for _ in range(steps):
         idx = torch.randint(0, N, (batch,), generator=g) if batch < N else slice(None)
         logits = x[idx] @ W.T
         w, ids = route_weights(logits, routing)
         wd = torch.zeros_like(logits).scatter(1, ids, w)
-        err = (torch.einsum("ne,nef,nf->n", wd, G[idx], wd) - 2 * (wd * b[idx]).sum(-1) + c[idx]).mean() / cnorm
+        e_n = torch.einsum("ne,nef,nf->n", wd, G[idx], wd) - 2 * (wd * b[idx]).sum(-1) + c[idx]
+        err = e_n.mean() / cnorm + (e_n / ctok[idx]).mean()  # = losses.block_error, pooled + per token
         ce = -(labels[idx] * torch.log_softmax(logits, -1)).sum(-1).mean()
         loss = err + prior_weight * ce
         opt.zero_grad()

@@ -72,6 +72,19 @@ def test_end_to_end_lowers_distillation_loss(pair):
     assert last < first
 
 
+def test_end_to_end_train_all_moves_attention_never_embeddings(tmp_path, pair):
+    _, teacher, student, ids = pair
+    q0 = student.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    emb0 = student.model.embed_tokens.weight.detach().clone()
+    res = calibrate(student, teacher, None, _e2e_cfg(train="all"), ckpt=tmp_path / "all", ids=ids, progress=False)
+    assert not torch.equal(student.model.layers[0].self_attn.q_proj.weight, q0)
+    assert torch.equal(student.model.embed_tokens.weight, emb0)
+    hist = res["e2e"]["history"]
+    assert sum(h["kd"] for h in hist[-3:]) < sum(h["kd"] for h in hist[:3])
+    saved = torch.load(tmp_path / "all" / "ckpt.pt", weights_only=False)["params"]
+    assert "model.layers.0.self_attn.q_proj.weight" in saved  # resume restores attention too
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path, pair):
     src, teacher, _, ids = pair
 
@@ -96,8 +109,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, pair):
 
         orig = c2._save_ckpt
 
-        def save(folder, state, model, optimizer=None):
-            orig(folder, state, model, optimizer)
+        def save(folder, state, model, optimizer=None, **kw):
+            orig(folder, state, model, optimizer, **kw)
             if state.get("step") == 6:
                 raise Stop
 

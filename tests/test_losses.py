@@ -50,6 +50,16 @@ def test_relative_mse():
     assert abs(losses.relative_mse(t * 0.5, t).item() - 0.25) < 1e-7
 
 
+def test_block_error_weighs_every_token():
+    # one "massive activation" token (norm 100) and one ordinary token (norm 1), the ordinary one zeroed
+    t = torch.tensor([[100.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([[100.0, 0.0], [0.0, 0.0]])
+    pooled = losses.relative_mse(y, t).item()
+    assert abs(pooled - 1 / 10001) < 1e-9  # the pooled error hardly sees it
+    assert abs(losses.token_relative_mse(y, t).item() - 0.5) < 1e-7  # the per-token error does
+    assert abs(losses.block_error(y, t).item() - (0.5 + 1 / 10001)) < 1e-6
+
+
 def test_kd():
     a = torch.tensor([[[1.0, 2.0, 3.0]]])
     assert abs(losses.kd(a, a).item()) < 1e-7

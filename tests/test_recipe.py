@@ -96,3 +96,19 @@ def test_shipped_recipes_are_valid(path):
     want = 0.5 if "50pct" in path.name else 0.25
     assert active == pytest.approx(want)
     assert set(r.evaluate["datasets"]) == {"wikitext", "stdlib"}
+
+
+def test_intermediate_stages_on_fewer_datasets(tmp_path, text_file):
+    src = make_llama(tmp_path / "dense", ffn=96)
+    second = tmp_path / "second.txt"
+    second.write_text(text_file.read_text()[::-1])
+    ev = {"ctx": 64, "datasets": {str(text_file): 128, str(second): 128}, "stages": ["converted", "final"],
+          "intermediate_datasets": [str(text_file)]}
+    report = run_recipe(Recipe.load(_recipe(tmp_path, src, text_file, e2e=None, evaluate=ev)), tmp_path / "run",
+                        progress=False)
+    got = {(e["stage"], e["dataset"]) for e in report["evaluations"]}
+    assert ("converted", str(text_file)) in got and ("converted", str(second)) not in got
+    assert ("layerwise", str(second)) in got  # the final stage gets every dataset
+    bad = dict(ev, intermediate_datasets=["nope"])
+    with pytest.raises(SurgeryError, match="intermediate_datasets"):
+        Recipe.load(_recipe(tmp_path, src, text_file, evaluate=bad))
