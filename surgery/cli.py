@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -399,6 +400,21 @@ def run_cmd(recipe_path, out, json_path):
            "pipeline_seconds": report["pipeline_seconds"]}, None)
     if json_path:
         _emit(report, json_path, as_json=False)
+
+
+@main.command("quality-table")
+@click.argument("folder", default="results/quality", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a Markdown table.")
+@_friendly
+def quality_table_cmd(folder, as_json):
+    """Summarise the run reports in FOLDER (copies of `surgery run`'s report.json) as the README's quality
+    table: one row per run and calibration stage, WikiText-2 and stdlib perplexities with their ratio to
+    dense, calibration tokens, time and machine."""
+    from surgery_evals.report import quality_rows, quality_table
+
+    if not Path(folder).is_dir():
+        raise SurgeryError(f"{folder}: no such folder")
+    click.echo(json.dumps(quality_rows(folder), indent=2) if as_json else quality_table(folder), nl=not as_json)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,20 @@ def test_intermediate_stages_on_fewer_datasets(tmp_path, text_file):
     bad = dict(ev, intermediate_datasets=["nope"])
     with pytest.raises(SurgeryError, match="intermediate_datasets"):
         Recipe.load(_recipe(tmp_path, src, text_file, evaluate=bad))
+
+
+def test_quality_table_from_reports(tmp_path):
+    report = {"recipe": {"name": "r"}, "method": "coactivation E12 S4 K4", "machine": {"summary": "CPU"},
+              "calibration_tokens": {"converted": 0, "e2e": 100}, "seconds_to_stage": {"converted": 1.0, "e2e": 9.0},
+              "evaluations": [
+                  {"stage": "dense", "dataset": "wikitext", "perplexity": 20.0, "active_ffn_fraction": 1.0},
+                  {"stage": "converted", "dataset": "wikitext", "perplexity": 80.0, "active_ffn_fraction": 0.5},
+                  {"stage": "e2e", "dataset": "wikitext", "perplexity": 30.0, "active_ffn_fraction": 0.5}]}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    r = CliRunner().invoke(main, ["quality-table", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 4  # header, rule, two stages in calibration order
+    assert "| none | 50% | 80.00 (4.00x)" in lines[2] and "layer-wise + end-to-end | 50% | 30.00 (1.50x)" in lines[3]
+    bad = CliRunner().invoke(main, ["quality-table", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and "no such folder" in bad.output
