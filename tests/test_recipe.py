@@ -87,7 +87,7 @@ def test_recipe_errors(tmp_path, text_file):
         run_recipe(Recipe.load(other), out, progress=False)
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("**/*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
     r = Recipe.load(path)
     assert r.source == "demo"
@@ -95,7 +95,9 @@ def test_shipped_recipes_are_valid(path):
     active = (K + S) / (E + S)  # equal-sized groups
     want = 0.5 if "50pct" in path.name else 0.25
     assert active == pytest.approx(want)
-    assert set(r.evaluate["datasets"]) == {"wikitext", "stdlib"}
+    assert "wikitext" in r.evaluate["datasets"]
+    if path.parent == RECIPES:  # the shipped recipes (not the ablations) also measure the second domain
+        assert set(r.evaluate["datasets"]) == {"wikitext", "stdlib"}
 
 
 def test_intermediate_stages_on_fewer_datasets(tmp_path, text_file):
