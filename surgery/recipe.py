@@ -16,6 +16,7 @@ stages) plus an `evaluate` block. `surgery run RECIPE --out DIR` writes
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,6 +162,21 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             dense = load_model(src, dtype=recipe.dtype, device=device)
         return dense
 
+    def sampled(tokens: int) -> torch.Tensor:
+        """Text sampled from the dense model (data: sample), drawn once for every stage and kept in the run
+        folder: the stages then share one corpus and a resumed run does not sample again."""
+        path = out / "sampled_corpus.pt"
+        ids = torch.load(path, weights_only=True) if path.is_file() else None
+        if ids is None or ids.numel() < tokens:
+            need = max(tokens, ProfileConfig(**{k: v for k, v in recipe.profile.items() if k != "data"}).tokens,
+                       LayerwiseConfig(**recipe.layerwise).tokens if recipe.layerwise is not None else 0,
+                       EndToEndConfig(**recipe.e2e).tokens if recipe.e2e is not None else 0)
+            ids = calibration_ids(tokenizer, "sample", need, get_dense(), recipe.seed, progress)
+            tmp = out / f".sampled_corpus.pt.tmp-{os.getpid()}"
+            torch.save(ids, tmp)
+            os.replace(tmp, path)
+        return ids[:tokens]
+
     # 1. profile
     prof_path = out / "profile.pt"
     if not (state.done("profile") and prof_path.is_file()):
@@ -168,7 +184,8 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
         pcfg = dict(recipe.profile)
         data = pcfg.pop("data", None)
         pc = ProfileConfig(seed=recipe.seed, **pcfg)
-        ids = calibration_ids(tokenizer, data, pc.tokens, get_dense(), recipe.seed, progress)
+        ids = sampled(pc.tokens) if data == "sample" else \
+            calibration_ids(tokenizer, data, pc.tokens, get_dense(), recipe.seed, progress)
         stats = profile_model(get_dense(), ids, pc, progress)
         save_profile(stats, prof_path, {"data": str(data or "wikitext-valid"), "config": asdict(pc)})
         state.mark("profile", {"tokens": int(stats[0].tokens), "seconds": round(time.time() - t0, 2)})
@@ -192,8 +209,9 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             cfg = CalibrateConfig(layerwise=LayerwiseConfig(**recipe.layerwise) if s == "layerwise" else None,
                                   e2e=EndToEndConfig(**recipe.e2e) if s == "e2e" else None,
                                   seed=recipe.seed, data=recipe.calibration_data)
+            ids = sampled((cfg.layerwise or cfg.e2e).tokens) if recipe.calibration_data == "sample" else None
             res = calibrate(student, get_dense(), tokenizer, cfg, ckpt=out / "checkpoints" / s, resume=True,
-                            progress=progress)
+                            progress=progress, ids=ids)
             save_converted(student, stage_dir(s), tokenizer_from=src, overwrite=True)
             tokens = res.get("layerwise", {}).get("tokens", 0) if s == "layerwise" else res["e2e"]["tokens"]
             info = {"seconds": round(time.time() - t0, 2), "tokens": tokens}

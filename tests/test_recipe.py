@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -131,3 +132,16 @@ def test_quality_table_from_reports(tmp_path):
     assert "| none | 50% | 80.00 (4.00x)" in lines[2] and "layer-wise + end-to-end | 50% | 30.00 (1.50x)" in lines[3]
     bad = CliRunner().invoke(main, ["quality-table", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "no such folder" in bad.output
+
+
+def test_recipe_on_sampled_text_draws_one_corpus(tmp_path, text_file):
+    src = make_llama(tmp_path / "dense", ffn=96)
+    path = _recipe(tmp_path, src, text_file, profile={"data": "sample", "tokens": 256, "ctx": 64, "samples": 128},
+                   calibration_data="sample", layerwise={"tokens": 128, "ctx": 64, "router_steps": 5},
+                   e2e={"tokens": 384, "ctx": 64, "batch_size": 2},
+                   evaluate={"ctx": 64, "datasets": {str(text_file): 128}})
+    out = tmp_path / "run"
+    report = run_recipe(Recipe.load(path), out, progress=False)
+    corpus = torch.load(out / "sampled_corpus.pt", weights_only=True)
+    assert corpus.numel() == 384  # the largest budget of the three stages, sampled once
+    assert report["stages"]["profile"]["tokens"] == 256 and report["stages"]["e2e"]["tokens"] == 384
