@@ -170,7 +170,7 @@ def bench_kernels(json_path, device=None, tokens=(1, 16, 128, 1024, 8192, 32768)
     if unknown:
         raise ValueError(f"unknown impls {sorted(unknown)}; choose from {IMPLS}")
     if not cuda:
-        impls = ("ours",)  # the reference path only; dense and ideal are still timed for the ratios
+        impls = ("ours",)  # the reference path only, beside the dense and ideal anchors
     dtype = torch.bfloat16 if cuda else torch.float32
     timer = _timer(device, warmup=2 if quick or not cuda else 5, repeats=3 if quick or not cuda else 20)
     shapes, tokens = _plan(device, list(tokens), quick)
@@ -209,7 +209,8 @@ def bench_kernels(json_path, device=None, tokens=(1, 16, 128, 1024, 8192, 32768)
                         raise
                     skipped.append({"shape": label, "experts": E, "top_k": K, "tokens": T, "impl": name,
                                     "reason": f"{type(err).__name__}: {str(err)[:200]}"})
-            for name in impls:
+            # dense and ideal are rows of their own too: the anchors every ratio is taken against
+            for name in list(impls) + [a for a in ("dense", "ideal") if a not in impls]:
                 if name not in ms:
                     continue
                 rows.append({"shape": label, "experts": E, "top_k": K, "tokens": T, "impl": name,

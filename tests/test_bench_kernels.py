@@ -24,6 +24,10 @@ def test_bench_kernels_quick_cpu_schema(tmp_path):
     for row in rows:
         assert set(row) == {"shape", "experts", "top_k", "tokens", "impl", "ms", "ratio_to_dense", "ratio_to_ideal"}
         assert row["shape"] in ("llama2-7b", "mixtral")
-        assert row["impl"] == "ours"  # only the reference path runs on CPU
+        assert row["impl"] in ("ours", "dense", "ideal")  # only the reference path runs on CPU, beside the anchors
         assert row["tokens"] <= 16 and row["top_k"] <= row["experts"]
         assert row["ms"] > 0 and row["ratio_to_dense"] > 0 and row["ratio_to_ideal"] > 0
+    for key in {(r["shape"], r["experts"], r["top_k"], r["tokens"]) for r in rows}:
+        got = {r["impl"]: r for r in rows if (r["shape"], r["experts"], r["top_k"], r["tokens"]) == key}
+        assert set(got) == {"ours", "dense", "ideal"}
+        assert got["dense"]["ratio_to_dense"] == 1.0 and got["ideal"]["ratio_to_ideal"] == 1.0
