@@ -52,6 +52,8 @@ def main():
       surgery convert runs/smollm2 runs/moe --experts 8 --top-k 2
       surgery eval perplexity runs/moe --max-tokens 40960 --ctx 1024
       surgery info runs/moe
+      surgery run recipes/smollm2-50pct.yaml --out runs/q50   # profile, cluster, calibrate, evaluate
+      surgery export runs/q50/model runs/q50-qwen2moe --format qwen2_moe   # shared experts: Qwen2-MoE
     """
 
 
