@@ -235,7 +235,7 @@ def run_layerwise(student, teacher, ids: torch.Tensor, cfg: LayerwiseConfig, see
     for l, layer in enumerate(layers):
         mids, xs = [], []
         for a, b in _chunks(W, chunk):
-            m, x = _layer_parts(layer, h[a:b], pos_emb if b - a == W else tuple(p for p in pos_emb), mask, position_ids)
+            m, x = _layer_parts(layer, h[a:b], pos_emb, mask, position_ids)
             mids.append(m)
             xs.append(x)
         h_mid, x = torch.cat(mids), torch.cat(xs)

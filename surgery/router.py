@@ -46,16 +46,14 @@ ROUTER_INITS = {"centroid": centroid_init}
 
 # ---- data-aware initialisation: fit the router to the experts that matter on profiled tokens -------------
 
-def _swiglu_out(x_ND, gate, up, down):
-    return (torch.nn.functional.silu(x_ND @ gate.T) * (x_ND @ up.T)) @ down.T
-
-
 def group_outputs(x_ND: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                   groups: list[torch.Tensor]) -> torch.Tensor:
     """Each neuron group's output on x: [N, G, D] (float32)."""
+    from surgery_kernels.reference import swiglu
+
     x = x_ND.float()
     g, u, d = gate.float(), up.float(), down.float()
-    return torch.stack([_swiglu_out(x, g[i], u[i], d[:, i]) for i in groups], dim=1)
+    return torch.stack([swiglu(x, g[i], u[i], d[:, i]) for i in groups], dim=1)
 
 
 def oracle_scores(y_NED: torch.Tensor, target_ND: torch.Tensor) -> torch.Tensor:
@@ -64,19 +62,11 @@ def oracle_scores(y_NED: torch.Tensor, target_ND: torch.Tensor) -> torch.Tensor:
     return 2 * torch.einsum("ned,nd->ne", y_NED, target_ND) - y_NED.pow(2).sum(-1)
 
 
-def combine(weights_NK, ids_NK, y_NED):
-    """sum_k weights[n, k] * y[n, ids[n, k]]  -> [N, D]."""
-    picked = y_NED.gather(1, ids_NK[..., None].expand(-1, -1, y_NED.shape[-1]))
-    return (weights_NK[..., None] * picked).sum(1)
-
-
 def route_weights(logits_NE: torch.Tensor, routing: RoutingConfig):
-    """The routing rule (the same as the kernels' reference), differentiable in the logits."""
-    scores = torch.softmax(logits_NE, -1) if routing.score_func == "softmax" else torch.sigmoid(logits_NE)
-    w, ids = scores.topk(routing.top_k, dim=-1)
-    if routing.renormalize:
-        w = w / w.sum(-1, keepdim=True)
-    return w * routing.scale, ids
+    """The model's routing rule (the kernels' reference, differentiable in the logits) under this config."""
+    from surgery_kernels import reference
+
+    return reference.route(logits_NE, routing.top_k, routing.score_func, routing.renormalize, routing.scale)
 
 
 def fit_router(x_ND: torch.Tensor, y_NED: torch.Tensor, target_ND: torch.Tensor, routing: RoutingConfig,
