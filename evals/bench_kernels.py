@@ -19,7 +19,6 @@ top-level "path": "reference (CPU)"), small T.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -238,8 +237,8 @@ def bench_kernels(json_path, device=None, tokens=(1, 16, 128, 1024, 8192, 32768)
 
 
 def _write_json_atomic(path, data) -> None:
+    from surgery.atomic import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

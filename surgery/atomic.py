@@ -34,8 +34,20 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary sibling path to write `path`'s content to; on success it replaces `path`, on any error
+    it is removed (a reader never sees a half-written file)."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from surgery import losses
+from surgery.atomic import atomic_file
 from surgery.errors import SurgeryError
 from surgery.moe import MoEBlock, moe_blocks
 from surgery.router import fit_router, oracle_scores
@@ -195,9 +195,8 @@ def _save_ckpt(folder: Path, state: dict, model, optimizer=None, all_layers: boo
     blob = {"state": state, "params": _moe_state(model, all_layers), "rng": torch.get_rng_state()}
     if optimizer is not None:
         blob["optimizer"] = optimizer.state_dict()
-    tmp = folder / f".ckpt.pt.tmp-{os.getpid()}"
-    torch.save(blob, tmp)
-    os.replace(tmp, folder / "ckpt.pt")
+    with atomic_file(folder / "ckpt.pt") as tmp:
+        torch.save(blob, tmp)
     (folder / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 

@@ -96,9 +96,9 @@ def stdlib_eval_file(folder=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib-{digest}.txt"
     if not path.is_file():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        from surgery.atomic import atomic_write_text
+
+        atomic_write_text(path, text)
     return path
 
 

@@ -140,13 +140,12 @@ def profile_model(model, ids: torch.Tensor, cfg: ProfileConfig, progress: bool =
 
 
 def save_profile(stats: dict[int, LayerStats], path, meta: dict | None = None) -> Path:
-    import os
+    from surgery.atomic import atomic_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    torch.save({"meta": meta or {}, "layers": {i: asdict(s) for i, s in stats.items()}}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save({"meta": meta or {}, "layers": {i: asdict(s) for i, s in stats.items()}}, tmp)
     return path
 
 

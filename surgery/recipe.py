@@ -16,13 +16,13 @@ stages) plus an `evaluate` block. `surgery run RECIPE --out DIR` writes
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from surgery.atomic import atomic_file, atomic_write_text
 from surgery.errors import SurgeryError
 
 EVAL_DATA = {"wikitext": "wikitext-test", "stdlib": "stdlib"}
@@ -126,8 +126,6 @@ class _State:
 
     def mark(self, stage: str, info: dict) -> None:
         self.data["stages"][stage] = info
-        from surgery.atomic import atomic_write_text
-
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
@@ -172,9 +170,8 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
                        LayerwiseConfig(**recipe.layerwise).tokens if recipe.layerwise is not None else 0,
                        EndToEndConfig(**recipe.e2e).tokens if recipe.e2e is not None else 0)
             ids = calibration_ids(tokenizer, "sample", need, get_dense(), recipe.seed, progress)
-            tmp = out / f".sampled_corpus.pt.tmp-{os.getpid()}"
-            torch.save(ids, tmp)
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                torch.save(ids, tmp)
         return ids[:tokens]
 
     # 1. profile
@@ -226,8 +223,6 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
     # 5. evaluate
     report = _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress)
     report["recipe_file"] = recipe_path
-    from surgery.atomic import atomic_write_text
-
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 

@@ -7,7 +7,6 @@ output (CMoE's always-on neurons). Needs a profile (`surgery profile`, or the pr
 
 from __future__ import annotations
 
-import torch
 
 from surgery.cluster import FFNWeights, register
 from surgery.cluster.balanced import balanced_kmeans, split_shared
