@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from surgery import losses
 from surgery.atomic import atomic_file
+from surgery.data import windows_of
 from surgery.errors import SurgeryError
 from surgery.moe import MoEBlock, moe_blocks
 from surgery.router import fit_router, oracle_scores
@@ -210,10 +211,8 @@ def load_checkpoint(folder: Path):
 # ---- the two stages -------------------------------------------------------------------------------------
 
 def _windows(ids: torch.Tensor, ctx: int, tokens: int) -> torch.Tensor:
-    n = max(1, min(tokens, ids.numel()) // ctx)
-    if ids.numel() < ctx * n or n * ctx < 2:
-        raise SurgeryError(f"calibration text has {ids.numel()} tokens, fewer than one window of {ctx}")
-    return ids[: n * ctx].reshape(n, ctx)
+    """The first `tokens` ids as full windows of ctx (at least one window, even for a budget below ctx)."""
+    return windows_of(ids[:max(tokens, ctx)], ctx)
 
 
 @torch.no_grad()

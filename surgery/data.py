@@ -58,6 +58,19 @@ def tokenize_file(tokenizer, path, max_tokens: int | None = None) -> torch.Tenso
     return ids[:max_tokens] if max_tokens is not None else ids
 
 
+def windows_of(ids: torch.Tensor, ctx: int, short_ok: bool = False) -> torch.Tensor:
+    """Non-overlapping full windows [W, ctx] of a 1-D id stream; the tail shorter than ctx is dropped. A stream
+    shorter than one window is an error, or with short_ok one short window (of at least 2 tokens)."""
+    n = ids.numel() // ctx
+    if n > 0:
+        return ids[: n * ctx].reshape(n, ctx)
+    if not short_ok:
+        raise SurgeryError(f"calibration text has {ids.numel()} tokens, fewer than one window of {ctx}")
+    if ids.numel() < 2:
+        raise SurgeryError("calibration text has fewer than 2 tokens")
+    return ids[None]
+
+
 def stdlib_source_text(max_chars: int = 2_000_000) -> str:
     """A second evaluation domain every machine has: Python standard-library source, deterministic.
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as Fn
 from tqdm import tqdm
 
+from surgery.data import windows_of
 from surgery.errors import SurgeryError
 
 
@@ -48,17 +49,6 @@ class LayerStats:
         """Intermediate activations h [N, F] (float32) of the sampled inputs."""
         x = self.inputs[:limit].float()
         return Fn.silu(x @ gate.float().T) * (x @ up.float().T)
-
-
-def windows_of(ids: torch.Tensor, ctx: int) -> torch.Tensor:
-    """Non-overlapping full windows [W, ctx] of a 1-D id stream (the tail shorter than ctx is dropped, unless
-    it is the only window)."""
-    n = ids.numel() // ctx
-    if n == 0:
-        if ids.numel() < 2:
-            raise SurgeryError("calibration text has fewer than 2 tokens")
-        return ids[None]
-    return ids[: n * ctx].reshape(n, ctx)
 
 
 class _Collector:
@@ -114,7 +104,7 @@ class _Collector:
 def profile_model(model, ids: torch.Tensor, cfg: ProfileConfig, progress: bool = True) -> dict[int, LayerStats]:
     """Run the dense `model` over the first cfg.tokens of `ids` (1-D) in windows of cfg.ctx; per-layer stats."""
     ids = ids[: cfg.tokens]
-    wins = windows_of(ids, cfg.ctx)
+    wins = windows_of(ids, cfg.ctx, short_ok=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = model.model.layers
     collectors, hooks = [], []
