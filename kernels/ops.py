@@ -6,6 +6,7 @@ Triton is imported lazily, so importing this module never needs it (CPU installs
 impl: "auto"      Triton when the input is on CUDA and triton imports, else the reference
       "triton"    always Triton (on CPU this needs TRITON_INTERPRET=1, set before triton is imported)
       "reference" always the PyTorch reference
+      "masked"    the reference's function computed densely with a routing mask (CPU calibration's path)
 Both paths are differentiable (the Triton path's backward recomputes through the reference).
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from . import reference
 
-IMPLS = ("auto", "triton", "reference")
+IMPLS = ("auto", "triton", "reference", "masked")
 
 
 @functools.cache
@@ -56,4 +57,6 @@ def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, do
         from . import triton_moe
 
         return triton_moe.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
+    if impl == "masked":
+        return reference.moe_ffn_masked(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
     return reference.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)

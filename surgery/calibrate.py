@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +29,8 @@ from surgery import losses
 from surgery.atomic import atomic_file
 from surgery.data import windows_of
 from surgery.errors import SurgeryError
-from surgery.moe import MoEBlock, moe_blocks
-from surgery.router import fit_router, oracle_scores
+from surgery.moe import MoEBlock, moe_blocks, set_impl
+from surgery.router import RoutingConfig, fit_router, oracle_scores
 
 
 @dataclass
@@ -46,6 +46,8 @@ class LayerwiseConfig:
     batch_tokens: int = 1024
     balance: float = 0.0
     concentration: float = 0.0
+    router_tokens: int = 8192  # router fitting caches [N, E, D] expert outputs: cap N (fine-grained E is large)
+    autocast: str = "auto"  # bfloat16 autocast: "auto" (where bf16 matmuls are fast, see fast_bf16), "on", "off"
 
 
 @dataclass
@@ -64,6 +66,15 @@ class EndToEndConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # steps
+    autocast: str = "auto"  # bfloat16 autocast for student and teacher: "auto" (see fast_bf16), "on", "off"
+    # Transition schedule (Mixture-of-Tokens' transition tuning, for conversion): start at top-k = k_start
+    # (e.g. every expert: close to the dense model) and lower k linearly to the model's top-k over the first
+    # `transition` fraction of steps; the routing scale follows k, so selected experts keep weight ~1.
+    k_start: int | None = None
+    transition: float = 0.0
+    # Save the trained weights at these fractions of the run (with the seconds spent so far), so that a
+    # recipe can draw perplexity against calibration time from one run.
+    snapshots: list = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +97,28 @@ class CalibrateConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls beat float32 here: on GPUs, and on CPUs with AMX or AVX-512 BF16 (~2x). On a
+    CPU without them (AMD EPYC without AVX-512, say) oneDNN emulates bf16 and a matmul runs ~8x slower."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _autocast_on(setting, device: torch.device) -> bool:
+    if setting in (True, "on"):
+        return True
+    if setting in (False, "off", None):
+        return False
+    if setting == "auto":
+        return fast_bf16(device)
+    raise SurgeryError(f"autocast {setting!r}: choose auto, on or off")
 
 
 # ---- the student's layers, one at a time ----------------------------------------------------------------
@@ -142,8 +175,12 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
         before = losses.block_error(block(x.to(block.router.weight.dtype)).float(), target).item()
     stats = {"before": before}
     if cfg.router_steps > 0:
-        y = _expert_outputs(block, x)
-        w = fit_router(x, y, target - shared, block.routing, w0_ED=block.router.weight.detach().float(),
+        n = min(x.shape[0], cfg.router_tokens or x.shape[0])
+        sub = slice(None) if n == x.shape[0] else \
+            torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+        y = _expert_outputs(block, x[sub])
+        t_sub = (target - shared)[sub] if torch.is_tensor(shared) else target[sub]
+        w = fit_router(x[sub], y, t_sub, block.routing, w0_ED=block.router.weight.detach().float(),
                        steps=cfg.router_steps, lr=cfg.router_lr, prior_weight=cfg.prior_weight, seed=seed)
         with torch.no_grad():
             block.router.weight.copy_(w.to(block.router.weight.dtype))
@@ -159,7 +196,9 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
         for _ in range(steps):
             idx = torch.randint(0, N, (min(cfg.batch_tokens, N),), generator=g)
             xb = x[idx].to(block.router.weight.dtype)
-            loss = losses.block_error(block(xb), target[idx])
+            with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=_autocast_on(cfg.autocast, xb.device)):
+                yb = block(xb)
+            loss = losses.block_error(yb.float(), target[idx])
             lg = block.last_router_logits
             if cfg.expert_prior_weight:
                 with torch.no_grad():
@@ -261,13 +300,32 @@ def _lr_at(step: int, steps: int, cfg: EndToEndConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _routing_at(step: int, steps: int, cfg: EndToEndConfig, base: RoutingConfig, num_experts: int) -> RoutingConfig:
+    """The routing in force at `step` under the transition schedule (the model's own routing when off)."""
+    if not cfg.k_start or cfg.transition <= 0:
+        return base
+    k0 = min(max(cfg.k_start, base.top_k), num_experts)
+    t = min(1.0, step / max(1.0, cfg.transition * steps))
+    k = max(base.top_k, round(k0 + (base.top_k - k0) * t))
+    return replace(base, top_k=k, scale=base.scale * k / base.top_k)
+
+
+def _epoch_order(n: int, steps: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
+    """Window order for `steps` batches: one shuffled pass after another when the budget exceeds the data."""
+    need = steps * batch_size
+    parts = [torch.randperm(n, generator=g) for _ in range(max(1, -(-need // n)))]
+    return torch.cat(parts)[:need]
+
+
 def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, seed: int = 0,
                    ckpt: Path | None = None, resume_blob: dict | None = None, progress: bool = True) -> dict:
     device = next(student.parameters()).device
-    wins = _windows(ids, cfg.ctx, cfg.tokens)
+    wins = windows_of(ids, cfg.ctx)
+    if wins.shape[0] == 0:
+        raise SurgeryError(f"calibration data has fewer than e2e.ctx = {cfg.ctx} tokens")
     g = torch.Generator().manual_seed(seed + 1)
-    steps = max(1, wins.shape[0] // cfg.batch_size)
-    order = torch.randperm(wins.shape[0], generator=g)
+    steps = max(1, cfg.tokens // (cfg.batch_size * cfg.ctx))
+    order = _epoch_order(wins.shape[0], steps, cfg.batch_size, g)
     for p in student.parameters():
         p.requires_grad_(False)
     blocks = moe_blocks(student)
@@ -281,53 +339,76 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             p.requires_grad_(True)
         params += ps
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    start, history = 0, []
+    start, history, snaps = 0, [], []
+    elapsed0 = 0.0
     if resume_blob is not None and resume_blob["state"].get("stage") == "e2e":
         opt.load_state_dict(resume_blob["optimizer"])
         start = resume_blob["state"]["step"]
         history = resume_blob["state"].get("history", [])
+        snaps = resume_blob["state"].get("snapshots", [])
+        elapsed0 = resume_blob["state"].get("seconds", 0.0)
         torch.set_rng_state(resume_blob["rng"])
-    autocast = device.type == "cuda"
+    base_routing = [b.routing for b in blocks]
+    autocast = _autocast_on(cfg.autocast, device)
+    snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
     student.train(False)  # no dropout in Llama; keep eval semantics
     ema_ce, ema_kd = None, None
     bar = tqdm(total=steps, initial=start, desc="end-to-end", unit="step", disable=not progress)
-    t0 = time.time()
-    for step in range(start, steps):
-        batch = wins[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, cfg)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    t0 = time.time() - elapsed0
+    try:
+        for step in range(start, steps):
+            batch = wins[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, steps, cfg)
+            for b, r in zip(blocks, base_routing):
+                b.routing = _routing_at(step, steps, cfg, r, b.num_experts)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=batch, use_cache=False).logits
+                s_logits = student(input_ids=batch, use_cache=False).logits
+            loss = losses.kd(s_logits, t_logits, cfg.temperature)
+            router_logits = [b.last_router_logits for b in blocks if b.last_router_logits is not None]
+            aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
+            total = loss + aux
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            for b in blocks:
+                b.last_router_logits = None
             with torch.no_grad():
-                t_logits = teacher(input_ids=batch, use_cache=False).logits
-            s_logits = student(input_ids=batch, use_cache=False).logits
-        loss = losses.kd(s_logits, t_logits, cfg.temperature)
-        router_logits = [b.last_router_logits for b in blocks if b.last_router_logits is not None]
-        aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
-        total = loss + aux
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        for b in blocks:
-            b.last_router_logits = None
-        with torch.no_grad():
-            V = s_logits.shape[-1]
-            ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].float().reshape(-1, V), batch[:, 1:].reshape(-1)).item()
-        ema_ce = ce if ema_ce is None else 0.9 * ema_ce + 0.1 * ce
-        ema_kd = loss.item() if ema_kd is None else 0.9 * ema_kd + 0.1 * loss.item()
-        history.append({"step": step + 1, "tokens": (step + 1) * batch.numel(), "kd": float(f"{loss.item():.6g}"),
-                        "ce": float(f"{ce:.6g}"), "aux": float(f"{float(aux.detach() if torch.is_tensor(aux) else aux):.6g}")})
-        bar.set_postfix(kd=f"{ema_kd:.4f}", ppl=f"{math.exp(ema_ce):.2f}")
-        bar.update(1)
-        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
-            _save_ckpt(ckpt, {"stage": "e2e", "step": step + 1, "history": history}, student, opt,
-                       all_layers=cfg.train == "all")
+                V = s_logits.shape[-1]
+                ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].float().reshape(-1, V), batch[:, 1:].reshape(-1)).item()
+            ema_ce = ce if ema_ce is None else 0.9 * ema_ce + 0.1 * ce
+            ema_kd = loss.item() if ema_kd is None else 0.9 * ema_kd + 0.1 * loss.item()
+            history.append({"step": step + 1, "tokens": (step + 1) * batch.numel(), "kd": float(f"{loss.item():.6g}"),
+                            "ce": float(f"{ce:.6g}"), "aux": float(f"{float(aux.detach() if torch.is_tensor(aux) else aux):.6g}"),
+                            "top_k": blocks[0].routing.top_k if blocks else 0})
+            bar.set_postfix(kd=f"{ema_kd:.4f}", ppl=f"{math.exp(ema_ce):.2f}")
+            bar.update(1)
+            if ckpt is not None and step + 1 in snap_steps:
+                snaps.append(_save_snapshot(ckpt, student, step + 1, steps, time.time() - t0, cfg.train == "all"))
+            if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
+                _save_ckpt(ckpt, {"stage": "e2e", "step": step + 1, "history": history, "snapshots": snaps,
+                                  "seconds": round(time.time() - t0, 2)}, student, opt, all_layers=cfg.train == "all")
+    finally:
+        for b, r in zip(blocks, base_routing):
+            b.routing = r
     bar.close()
     for p in student.parameters():
         p.requires_grad_(False)
     return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.ctx, "seconds": round(time.time() - t0, 2),
-            "history": history}
+            "history": history, "snapshots": snaps}
+
+
+def _save_snapshot(ckpt: Path, model, step: int, steps: int, seconds: float, all_layers: bool) -> dict:
+    """The trained weights at `step`, for a perplexity-against-calibration-time curve."""
+    path = Path(ckpt) / f"snapshot-{step:06d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        torch.save(_moe_state(model, all_layers), tmp)
+    return {"step": step, "fraction": round(step / steps, 4), "seconds": round(seconds, 2), "path": str(path)}
 
 
 def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | None = None, resume: bool = False,
@@ -352,6 +433,8 @@ def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | No
         if missing.unexpected_keys:
             raise SurgeryError(f"{ckpt}: checkpoint does not match this model")
     result = {"config": cfg.to_dict(), "calibration_tokens_available": int(ids.numel())}
+    if next(student.parameters()).device.type == "cpu":
+        set_impl(student, "masked")  # same function, several times faster to train on a CPU (kernels/reference.py)
     t0 = time.time()
     if cfg.layerwise is not None and state.get("stage") != "e2e":
         start = state.get("next_layer", 0) if state.get("stage") == "layerwise" else 0
@@ -364,6 +447,7 @@ def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | No
     t1 = time.time()
     if cfg.e2e is not None:
         result["e2e"] = run_end_to_end(student, teacher, ids, cfg.e2e, cfg.seed, ckpt, blob, progress)
+    set_impl(student, "auto")
     result["seconds"] = round(time.time() - t0, 2)
     result["e2e_seconds"] = round(time.time() - t1, 2)
     moe = getattr(student, "surgery_config", None)

@@ -404,6 +404,38 @@ def run_cmd(recipe_path, out, json_path):
         _emit(report, json_path, as_json=False)
 
 
+@main.command("baseline")
+@click.argument("kind", type=click.Choice(["oracle", "gate-sparsity", "static"]))
+@click.argument("model_path", metavar="DENSE", type=click.Path())
+@click.option("--keep", type=float, default=0.5, show_default=True, help="Fraction of FFN neurons kept per token.")
+@click.option("--granularity", type=int, default=1, show_default=True,
+              help="oracle: neurons per group (1: per-neuron oracle; 96: 16 groups of SmolLM2's 1536).")
+@click.option("--profile", "profile_path", type=click.Path(), default=None,
+              help="Profiling statistics (`surgery profile`); default: profile 16k tokens of WikiText-2 valid.")
+@click.option("--no-compensate", is_flag=True, help="static: no bias for the dropped neurons' mean output.")
+@click.option("--calibrate-tokens", type=int, default=0, show_default=True,
+              help="static: end-to-end distillation tokens (the MoE recipes' stage), for equal-budget comparisons.")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--max-tokens", type=int, default=40960, show_default=True,
+              help="Evaluation tokens on each of WikiText-2 test and stdlib source.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(), help="Also write the result JSON here.")
+@_friendly
+def baseline_cmd(kind, model_path, keep, granularity, profile_path, no_compensate, calibrate_tokens, lr,
+                 max_tokens, device, json_path):
+    """Ceilings and baselines for a conversion, on the DENSE model, evaluated like the recipes.
+
+    \b
+    oracle         per token, the groups of neurons with the largest true output (a router that never errs)
+    gate-sparsity  per token, the neurons with the largest |silu(gate x)| (TEAL / CATS; gate computed densely)
+    static         one fixed neuron subset per layer, bias-compensated; --calibrate-tokens trains it like a recipe
+    """
+    from surgery_evals.baselines import run_baseline
+
+    _emit(run_baseline(model_path, kind, keep, profile_path, granularity, not no_compensate, calibrate_tokens,
+                       lr=lr, datasets={"wikitext": max_tokens, "stdlib": max_tokens}, device=device), json_path)
+
+
 @main.command("quality-table")
 @click.argument("folder", default="results/quality", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a Markdown table.")

@@ -1,0 +1,191 @@
+"""The second quality round's methods: the masked CPU path, the transition schedule, multi-epoch windows,
+bf16 autocast selection, snapshots, and the baselines (oracle, gate-decided sparsity, static pruning)."""
+
+import pytest
+import torch
+
+import surgery
+from surgery.calibrate import (EndToEndConfig, _autocast_on, _epoch_order, _routing_at, fast_bf16,
+                               run_end_to_end)
+from surgery.convert import ConvertConfig, convert_model
+from surgery.errors import SurgeryError
+from surgery.moe import moe_blocks, set_impl
+from surgery.router import RoutingConfig
+from surgery_evals.baselines import apply_baseline, static_keep
+from surgery_kernels import reference
+
+from helpers import make_llama, relative_error
+
+
+def _experts(E=6, F=5, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = torch.randn(E, F, D, generator=g) * 0.3, torch.randn(E, F, D, generator=g) * 0.3
+    down = torch.randn(E, D, F, generator=g) * 0.3
+    down[1, :, 3:] = 0  # a narrower, zero-padded expert
+    gate[1, 3:] = 0
+    up[1, 3:] = 0
+    return gate, up, down
+
+
+@pytest.mark.parametrize("K,score_func,shared", [(1, "softmax", False), (3, "softmax", True), (2, "sigmoid", True)])
+def test_masked_path_equals_grouped_reference(K, score_func, shared):
+    gate, up, down = _experts()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 16, generator=g)
+    logits = torch.randn(40, 6, generator=g, requires_grad=True)
+    sh = tuple(torch.randn(*s, generator=g) * 0.3 for s in ((7, 16), (7, 16), (16, 7))) if shared else None
+    outs, grads = [], []
+    for fn in (reference.moe_ffn, reference.moe_ffn_masked):
+        w, ids = reference.route(logits, K, score_func, True, float(K))
+        y = fn(x, gate, up, down, w, ids, sh)
+        (gl,) = torch.autograd.grad(y.pow(2).sum(), logits)
+        outs.append(y)
+        grads.append(gl)
+    assert relative_error(outs[1], outs[0]) < 1e-5
+    # K=1 renormalised: the weight is constant, both gradients are ~0 (absolute bound then)
+    assert (grads[1] - grads[0]).abs().max() <= 1e-4 * max(1.0, grads[0].abs().max().item())
+
+
+def test_transition_schedule_starts_at_k_start_and_ends_at_top_k():
+    base = RoutingConfig(top_k=2, scale=2.0)
+    cfg = EndToEndConfig(k_start=8, transition=0.5)
+    ks = [_routing_at(s, 100, cfg, base, 8) for s in range(100)]
+    assert ks[0].top_k == 8 and ks[0].scale == pytest.approx(8.0)
+    assert all(a.top_k >= b.top_k for a, b in zip(ks, ks[1:]))  # never rises
+    assert all(r.top_k == 2 and r.scale == 2.0 for r in ks[50:])  # target k from the end of the transition
+    assert _routing_at(0, 100, EndToEndConfig(), base, 8) is base  # off by default
+    # k_start above the number of experts is clamped
+    assert _routing_at(0, 100, EndToEndConfig(k_start=99, transition=0.2), base, 4).top_k == 4
+
+
+def test_epoch_order_repeats_the_data_evenly():
+    order = _epoch_order(5, steps=6, batch_size=2, g=torch.Generator().manual_seed(0))
+    assert order.numel() == 12
+    assert torch.equal(torch.sort(order[:5]).values, torch.arange(5))  # a full pass before any repeat
+    assert torch.equal(torch.sort(order[5:10]).values, torch.arange(5))
+
+
+def test_autocast_setting():
+    assert _autocast_on("off", torch.device("cpu")) is False
+    assert _autocast_on("on", torch.device("cpu")) is True
+    assert _autocast_on("auto", torch.device("cpu")) == fast_bf16(torch.device("cpu"))
+    with pytest.raises(SurgeryError, match="autocast"):
+        _autocast_on("maybe", torch.device("cpu"))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return make_llama(tmp_path / "dense", ffn=96, layers=2)
+
+
+def test_e2e_transition_ends_at_target_k_and_restores_routing(tiny, tmp_path):
+    teacher = surgery.load(tiny)
+    student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
+    before = [b.routing for b in moe_blocks(student)]
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    cfg = EndToEndConfig(tokens=640, ctx=32, batch_size=2, k_start=8, transition=0.5, snapshots=[0.5],
+                         autocast="off")
+    set_impl(student, "masked")
+    res = run_end_to_end(student, teacher, ids, cfg, ckpt=tmp_path / "ckpt", progress=False)
+    ks = [h["top_k"] for h in res["history"]]
+    assert ks[0] == 8 and ks[-1] == 2 and ks == sorted(ks, reverse=True)
+    assert [b.routing for b in moe_blocks(student)] == before
+    assert len(res["snapshots"]) == 1 and res["snapshots"][0]["step"] == 5
+    snap = torch.load(res["snapshots"][0]["path"], weights_only=True)
+    assert any(".mlp.experts.gate_proj" in k for k in snap)
+
+
+# ---- baselines -----------------------------------------------------------------------------------------
+
+class _Stats:
+    """Stand-in for profile.LayerStats: sampled inputs and per-neuron importance."""
+
+    def __init__(self, inputs, importance):
+        self.inputs, self.importance = inputs, importance
+
+    def activations(self, gate, up, limit=None):
+        x = self.inputs[:limit].float()
+        return torch.nn.functional.silu(x @ gate.float().T) * (x @ up.float().T)
+
+
+def _stats_for(model, n=64):
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for l, layer in enumerate(model.model.layers):
+        x = torch.randn(n, model.config.hidden_size, generator=g)
+        st = _Stats(x, torch.zeros(1))
+        h = st.activations(layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight)
+        st.importance = h.pow(2).mean(0) * layer.mlp.down_proj.weight.pow(2).sum(0)
+        out[l] = st
+    return out
+
+
+@pytest.mark.parametrize("kind,granularity", [("oracle", 1), ("oracle", 8), ("gate-sparsity", 1), ("static", 1)])
+def test_baselines_keeping_every_neuron_are_the_dense_model(tiny, kind, granularity):
+    dense = surgery.load(tiny)
+    ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        stats = _stats_for(dense)
+        model = apply_baseline(surgery.load(tiny), kind, 1.0, stats, granularity=granularity, compensate=True)
+        got = model(input_ids=ids).logits
+    assert relative_error(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["oracle", "gate-sparsity", "static"])
+def test_baselines_at_half_change_the_model_and_keep_half(tiny, kind):
+    dense = surgery.load(tiny)
+    ids = torch.randint(1, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        model = apply_baseline(surgery.load(tiny), kind, 0.5, _stats_for(dense), granularity=4)
+        got = model(input_ids=ids).logits
+    assert relative_error(got, ref) > 1e-3
+    mlp = model.model.layers[0].mlp
+    kept = {"oracle": lambda m: m.k * m.G, "gate-sparsity": lambda m: m.k,
+            "static": lambda m: m.gate_proj.weight.shape[0]}[kind](mlp)
+    assert kept == 48
+
+
+def test_per_neuron_oracle_keeps_the_largest_contributions():
+    torch.manual_seed(0)
+    mlp = torch.nn.Module()
+    mlp.gate_proj, mlp.up_proj = torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(8, 6, bias=False)
+    mlp.down_proj = torch.nn.Linear(6, 8, bias=False)
+    from surgery_evals.baselines import OracleFFN
+
+    oracle = OracleFFN(mlp, [torch.tensor([i]) for i in range(6)], k=2)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        h = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+        contrib = h.abs() * mlp.down_proj.weight.norm(dim=0)
+        keep = torch.zeros_like(h).scatter_(1, contrib.topk(2, -1).indices, 1.0)
+        want = mlp.down_proj(h * keep)
+        assert torch.allclose(oracle(x), want, atol=1e-6)
+
+
+def test_static_compensation_is_the_dropped_neurons_mean_output():
+    mlp = torch.nn.Module()
+    mlp.gate_proj, mlp.up_proj = torch.nn.Linear(2, 3, bias=False), torch.nn.Linear(2, 3, bias=False)
+    mlp.down_proj = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        mlp.up_proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]]))
+        mlp.down_proj.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]))
+    x = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    st = _Stats(x, torch.tensor([3.0, 1.0, 2.0]))  # keep neurons 0 and 2, drop neuron 1
+    kept, bias = static_keep(mlp, st, keep=2 / 3, compensate=True)
+    assert kept.tolist() == [0, 2]
+    silu = torch.nn.functional.silu
+    h1 = torch.tensor([silu(torch.tensor(1.0)) * 2.0, silu(torch.tensor(0.0)) * 0.0])  # neuron 1 on both tokens
+    want = torch.tensor([0.0, 1.0]) * h1.mean()  # its down column times its mean activation
+    assert torch.allclose(bias, want, atol=1e-6)
+    _, none = static_keep(mlp, st, keep=2 / 3, compensate=False)
+    assert none is None
+
+
+def test_baseline_errors():
+    with pytest.raises(SurgeryError, match="baseline 'magic'"):
+        apply_baseline(None, "magic", 0.5)
+    with pytest.raises(SurgeryError, match="--keep"):
+        apply_baseline(None, "static", 0.0)
