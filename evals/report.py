@@ -27,8 +27,13 @@ def machine() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
     info["summary"] = (f"{info['gpu']}" if "gpu" in info else
-                       f"CPU, {info['cpu_cores']} cores, {info.get('memory_gib', '?')} GiB")
+                       f"CPU ({info.get('cpu_model', '?')}), {info['cpu_cores']} cores, {info.get('memory_gib', '?')} GiB")
     return info
 
 
@@ -157,3 +162,35 @@ def quality_table(folder) -> str:
                      f"{(r['active'] or 0) * 100:.0f}% | {cell(r.get('wikitext'))} | {cell(r.get('stdlib'))} | "
                      f"{r['tokens']:,} | {r['seconds'] if r['seconds'] is not None else '-'} | {r['machine']} |")
     return "\n".join(lines) + "\n"
+
+
+def run_summary(report: dict) -> str:
+    """The table `surgery run` prints at the end: dense against converted, per evaluation dataset, with the
+    active FFN fraction, prefill speed on this machine and where the files are."""
+    ppl = report.get("perplexity", {})
+    final = next((s for s in ("e2e", "layerwise", "converted") if any(k.startswith(s + "/") for k in ppl)), None)
+    datasets = [k.split("/", 1)[1] for k in ppl if k.startswith("dense/")]
+    rows = [["model", "active FFN", *[f"{d} ppl" for d in datasets], "prefill tok/s (1x512)"]]
+    speed = report.get("speed") or {}
+    rows.append(["dense", "100%", *[f"{ppl[f'dense/{d}']:.2f}" for d in datasets],
+                 f"{speed.get('dense_tokens_per_s', float('nan')):.0f}"])
+    if final:
+        conv = []
+        for d in datasets:
+            v = ppl.get(f"{final}/{d}")
+            conv.append("-" if v is None else f"{v:.2f} ({v / ppl[f'dense/{d}']:.2f}x)")
+        rows.append([f"converted ({final})", f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *conv,
+                     f"{speed.get('converted_tokens_per_s', float('nan')):.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    name = report.get("recipe", {}).get("name", "")
+    head = f"{name}: {report.get('method', '')}, pipeline {report.get('pipeline_seconds', 0) / 60:.1f} min " \
+           f"(evaluation excluded) on {report.get('machine', {}).get('summary', '?')}"
+    tail = []
+    if speed:
+        tail.append(f"speed: {speed.get('impl')} path, {speed.get('speedup', 0):.2f}x dense")
+    for fmt, e in (report.get("exports") or {}).items():
+        tail.append(f"export {fmt}: {e['path']} (reloaded by {e['reloaded_by']}, max |logit diff| "
+                    f"{e['max_abs_logit_diff']:.2e})")
+    return "\n".join([head, *lines, *tail])

@@ -68,8 +68,8 @@ class EndToEndConfig:
     checkpoint_every: int = 50  # steps
     autocast: str = "auto"  # bfloat16 autocast for student and teacher: "auto" (see fast_bf16), "on", "off"
     # Transition schedule (Mixture-of-Tokens' transition tuning, for conversion): start at top-k = k_start
-    # (e.g. every expert: close to the dense model) and lower k linearly to the model's top-k over the first
-    # `transition` fraction of steps; the routing scale follows k, so selected experts keep weight ~1.
+    # with unit routing weights (k_start = every expert: exactly the dense model) and move linearly to the
+    # model's top-k and its own routing weights over the first `transition` fraction of steps.
     k_start: int | None = None
     transition: float = 0.0
     # Save the trained weights at these fractions of the run (with the seconds spent so far), so that a
@@ -300,14 +300,14 @@ def _lr_at(step: int, steps: int, cfg: EndToEndConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _routing_at(step: int, steps: int, cfg: EndToEndConfig, base: RoutingConfig, num_experts: int) -> RoutingConfig:
-    """The routing in force at `step` under the transition schedule (the model's own routing when off)."""
+def _routing_at(step: int, steps: int, cfg: EndToEndConfig, base: RoutingConfig, num_experts: int):
+    """(routing, unit-weight mix) in force at `step` under the transition schedule; (base, 0) when off."""
     if not cfg.k_start or cfg.transition <= 0:
-        return base
+        return base, 0.0
     k0 = min(max(cfg.k_start, base.top_k), num_experts)
     t = min(1.0, step / max(1.0, cfg.transition * steps))
     k = max(base.top_k, round(k0 + (base.top_k - k0) * t))
-    return replace(base, top_k=k, scale=base.scale * k / base.top_k)
+    return replace(base, top_k=k, scale=base.scale * k / base.top_k), 1.0 - t
 
 
 def _epoch_order(n: int, steps: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
@@ -361,7 +361,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, cfg)
             for b, r in zip(blocks, base_routing):
-                b.routing = _routing_at(step, steps, cfg, r, b.num_experts)
+                b.routing, b.unit_mix = _routing_at(step, steps, cfg, r, b.num_experts)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 with torch.no_grad():
                     t_logits = teacher(input_ids=batch, use_cache=False).logits
@@ -394,7 +394,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                                   "seconds": round(time.time() - t0, 2)}, student, opt, all_layers=cfg.train == "all")
     finally:
         for b, r in zip(blocks, base_routing):
-            b.routing = r
+            b.routing, b.unit_mix = r, 0.0
     bar.close()
     for p in student.parameters():
         p.requires_grad_(False)

@@ -397,9 +397,10 @@ def run_cmd(recipe_path, out, json_path):
     perplexity against active fraction."""
     from surgery.recipe import Recipe, run_recipe
 
+    from surgery_evals.report import run_summary
+
     report = run_recipe(Recipe.load(recipe_path), out, recipe_path=str(recipe_path))
-    _emit({"out": out, "perplexity": report["perplexity"], "active_ffn_fraction": report["active_ffn_fraction"],
-           "pipeline_seconds": report["pipeline_seconds"]}, None)
+    click.echo(run_summary(report))
     if json_path:
         _emit(report, json_path, as_json=False)
 

@@ -35,6 +35,7 @@ class ConvertConfig:
     method: str = "random"
     seed: int = 0
     router_init: str = "centroid"
+    router_steps: int = 300  # `fitted` router: optimisation steps per layer on the profiled inputs
     score_func: str = "softmax"
     renormalize: bool = True
     scale: float | None = None  # None: top_k (selected experts keep their dense weight on average)
@@ -81,7 +82,8 @@ def convert_layer(ffn: FFNWeights, cfg: ConvertConfig, sizes: list[int], layer: 
     parts = split_ffn(ffn, groups, cfg.shared_experts, moe.expert_width)
     init = ROUTER_INITS[cfg.router_init]
     if getattr(init, "data_aware", False):  # fitted on profiled inputs
-        router = init(ffn, groups, cfg.shared_experts, cfg.stats.get(layer), moe.routing, seed=cfg.seed + layer)
+        router = init(ffn, groups, cfg.shared_experts, cfg.stats.get(layer), moe.routing, seed=cfg.seed + layer,
+                      steps=cfg.router_steps)
     else:
         router = init(ffn.gate, groups[cfg.shared_experts:])
     router = router.to(ffn.gate.dtype)

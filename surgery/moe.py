@@ -57,6 +57,9 @@ class MoEBlock(nn.Module):
         self.dense_routing = False
         self.impl = "auto"  # "auto" (Triton on GPU when available), "triton" or "reference"
         self.last_router_logits: torch.Tensor | None = None  # [T, E] float32, for the calibration losses
+        # Calibration's transition schedule: routing weights w become (1 - m) w + m (m = 1 with every expert
+        # selected is the dense model exactly); 0 outside calibration.
+        self.unit_mix = 0.0
 
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return Fn.linear(x_TD.float(), self.router.weight.float())  # routing decided in float32
@@ -73,6 +76,8 @@ class MoEBlock(nn.Module):
             self.last_router_logits = logits_TE
             r = self.routing
             weights_TK, ids_TK = ops.route(logits_TE, r.top_k, r.score_func, r.renormalize, r.scale)
+            if self.unit_mix:
+                weights_TK = (1 - self.unit_mix) * weights_TK + self.unit_mix
             shared = self.shared_expert.weights() if self.shared_expert is not None else None
             e = self.experts
             y_TD = ops.moe_ffn(x_TD, e.gate_proj, e.up_proj, e.down_proj, weights_TK, ids_TK,

@@ -37,6 +37,9 @@ class EvaluateConfig:
     stages: list = field(default_factory=lambda: ["final"])  # also "converted", "layerwise" for the table
     intermediate_datasets: list | None = None  # datasets for stages before the final one (None: all of them)
     load_tokens: int = 0  # 0: count expert load during the first dataset's evaluation
+    # Evaluate the e2e stage's snapshots (e2e.snapshots) on the first dataset: perplexity against
+    # calibration time from one run.
+    snapshots: bool = True
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Recipe:
     calibration_data: str | None = None  # for layerwise/e2e: path, "sample", or default WikiText-2 valid
     evaluate: dict = field(default_factory=dict)
     time_budget_s: float | None = None  # the recipe's stated budget (reported, not enforced)
+    export: list = field(default_factory=list)  # formats written to DIR/export-<format>/ (native, mixtral, ...)
 
     @classmethod
     def load(cls, path) -> "Recipe":
@@ -90,6 +94,10 @@ class Recipe:
             if self.e2e is not None:
                 EndToEndConfig(**self.e2e)
             ec = EvaluateConfig(**self.evaluate)
+            from surgery.export import FORMATS
+            bad = [f for f in self.export if f not in FORMATS]
+            if bad:
+                raise SurgeryError(f"recipe {self.name!r}: export names {bad}; choose from {', '.join(FORMATS)}")
         except TypeError as e:
             raise SurgeryError(f"recipe {self.name!r}: {e}") from None
         extra = set(ec.intermediate_datasets or []) - set(ec.datasets)
@@ -99,7 +107,7 @@ class Recipe:
 
     def stages(self) -> list[str]:
         return ["profile", "convert"] + (["layerwise"] if self.layerwise is not None else []) + \
-            (["e2e"] if self.e2e is not None else []) + ["evaluate"]
+            (["e2e"] if self.e2e is not None else []) + ["evaluate"] + (["export"] if self.export else [])
 
 
 def _device(name: str) -> str:
@@ -215,6 +223,7 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             if s == "e2e":
                 hist = res["e2e"]["history"]
                 info["curve"] = _curve(hist)
+                info["snapshots"] = res["e2e"].get("snapshots", [])
             else:
                 info["layers"] = res.get("layerwise", {}).get("layers", [])
             state.mark(s, info)
@@ -223,8 +232,45 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
     # 5. evaluate
     report = _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress)
     report["recipe_file"] = recipe_path
+    if recipe.export:
+        report["exports"] = _export(recipe, out, stage_dir(model_stages[-1]), state)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _export(recipe: Recipe, out: Path, model_dir: Path, state: _State) -> dict:
+    """Write the final model in each requested format, reload it with the tool that consumes it (stock
+    transformers for mixtral / qwen2_moe, surgery.load for native) and compare its logits with ours."""
+    from surgery.export import export_model
+    from surgery.modeling import load_model
+
+    done = dict(state.data.get("exports", {}))
+    for fmt in recipe.export:
+        if fmt in done:
+            continue
+        t0 = time.time()
+        dest = out / f"export-{fmt}"
+        summary = export_model(model_dir, dest, fmt, overwrite=True, progress=False)
+        ours = load_model(model_dir)
+        if fmt == "native":
+            theirs = load_model(dest)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            theirs = AutoModelForCausalLM.from_pretrained(str(dest), dtype=torch.float32)
+        ids = torch.randint(0, ours.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            a = ours(input_ids=ids).logits.float()
+            b = theirs(input_ids=ids).logits.float()
+        done[fmt] = {"path": str(dest), "architecture": summary["architecture"],
+                     "output_bytes": summary["output_bytes"], "seconds": round(time.time() - t0, 1),
+                     "reloaded_by": "surgery.load" if fmt == "native" else "transformers.AutoModelForCausalLM",
+                     "max_abs_logit_diff": float((a - b).abs().max()),
+                     "same_argmax": bool(torch.equal(a.argmax(-1), b.argmax(-1)))}
+        del ours, theirs
+        state.data["exports"] = done
+        state.mark("export", {"formats": sorted(done)})
+    return done
 
 
 def _curve(hist: list[dict], points: int = 20) -> list[dict]:
@@ -238,6 +284,66 @@ def _curve(hist: list[dict], points: int = 20) -> list[dict]:
         out.append({"tokens": sl[-1]["tokens"], "kd": round(sum(h["kd"] for h in sl) / len(sl), 5),
                     "ce": round(sum(h["ce"] for h in sl) / len(sl), 5)})
     return out
+
+
+def _eval_model(folder: Path, device: str):
+    """A stage's model for perplexity: on a CPU the masked path (the same function as the grouped reference,
+    tested equal; evaluation is about quality, speed is measured by _prefill_speed and `surgery bench`)."""
+    from surgery.modeling import load_model
+    from surgery.moe import set_impl
+
+    model = load_model(folder, device=device)
+    if device == "cpu":
+        set_impl(model, "masked")
+    return model
+
+
+def _snapshot_curve(ec: EvaluateConfig, state: _State, final_dir: Path, tokenizer, device, progress) -> list[dict]:
+    """Perplexity on the first dataset of each e2e snapshot and of the final model, against the pipeline's
+    seconds when it was taken (profile + convert + layer-wise + e2e so far)."""
+    from surgery.data import resolve_data
+    from surgery_evals.perplexity import perplexity
+
+    stages = state.data["stages"]
+    e2e = stages.get("e2e")
+    if not ec.snapshots or not e2e:
+        return []
+    before = sum(stages.get(k, {}).get("seconds", 0) for k in ("profile", "convert", "layerwise"))
+    ds, max_tokens = next(iter(ec.datasets.items()))
+    points = {p["step"]: p for p in state.data.get("curve_points", [])}
+    for snap in e2e.get("snapshots", []):
+        if snap["step"] in points or not Path(snap["path"]).is_file():
+            continue
+        model = _eval_model(final_dir, device)
+        model.load_state_dict(torch.load(snap["path"], map_location=device, weights_only=True), strict=False)
+        r = perplexity(model, tokenizer, resolve_data(EVAL_DATA.get(ds, ds)), max_tokens, ec.ctx, ec.batch_size,
+                       progress)
+        points[snap["step"]] = {"step": snap["step"], "dataset": ds, "perplexity": r["perplexity"],
+                                "minutes": round((before + snap["seconds"]) / 60, 2)}
+        state.data["curve_points"] = list(points.values())
+        state.mark("evaluate-partial", {"curve_points": len(points)})
+        del model
+    final = next((e for e in state.data.get("evaluations", []) if e["stage"] == "e2e" and e["dataset"] == ds), None)
+    out = sorted(points.values(), key=lambda p: p["step"])
+    if final:
+        out.append({"step": "final", "dataset": ds, "perplexity": final["perplexity"],
+                    "minutes": round((before + e2e["seconds"]) / 60, 2)})
+    return out
+
+
+def _prefill_speed(dense, final_dir: Path, device: str) -> dict:
+    """Prefill tokens/s (1 x 512) of the dense and the converted model on this machine's real sparse path
+    (the grouped reference on a CPU, the Triton kernels on a GPU): a quick figure for the report's table;
+    `surgery bench model` is the full benchmark."""
+    from surgery.modeling import load_model
+    from surgery_evals.throughput import ThroughputConfig, prefill_tokens_per_second
+
+    cfg = ThroughputConfig(warmup=1, repeats=3)
+    converted = load_model(final_dir, device=device)
+    d = prefill_tokens_per_second(dense, 1, 512, cfg)
+    c = prefill_tokens_per_second(converted, 1, 512, cfg)
+    return {"shape": "1x512 prefill", "dense_tokens_per_s": round(d, 1), "converted_tokens_per_s": round(c, 1),
+            "speedup": round(c / d, 3), "impl": "triton" if device == "cuda" else "reference (PyTorch)"}
 
 
 def _dense_cache_key(src: Path, data: Path, tokens: int, ctx: int, dtype: str) -> str:
@@ -295,7 +401,7 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
             if s != model_stages[-1] and ec.intermediate_datasets is not None and ds not in ec.intermediate_datasets:
                 continue
             if model is None:
-                model = load_model(stage_dir(s), device=device)
+                model = _eval_model(stage_dir(s), device)
             data = resolve_data(EVAL_DATA.get(ds, ds))
             count_load = s == model_stages[-1] and j == 0
             with expert_load(model) as el:
@@ -305,7 +411,13 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
                 state.data["expert_load"] = load
             record({**r, "stage": names[s], "dataset": ds})
         del model
-    stages_info = {k: v for k, v in state.data["stages"].items() if k != "evaluate-partial"}
+    curve = _snapshot_curve(ec, state, stage_dir(model_stages[-1]), tokenizer, device, progress)
+    speed = state.data.get("speed")
+    if speed is None:
+        speed = _prefill_speed(get_dense(), stage_dir(model_stages[-1]), device)
+        state.data["speed"] = speed
+        state.mark("speed", speed)
+    stages_info = {k: v for k, v in state.data["stages"].items() if k not in ("evaluate-partial", "speed")}
     order = ["profile", "convert", "layerwise", "e2e"]
     cum, seconds_to, tokens_to, tok = 0.0, {}, {}, 0
     for k in order:
@@ -330,6 +442,8 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
         "seconds_to_stage": seconds_to,
         "calibration_tokens": tokens_to,
         "pipeline_seconds": round(cum, 1),
+        "ppl_vs_calibration_time": curve,
+        "speed": speed,
         "machine": machine(),
     }
     if load:

@@ -49,13 +49,27 @@ def test_masked_path_equals_grouped_reference(K, score_func, shared):
 def test_transition_schedule_starts_at_k_start_and_ends_at_top_k():
     base = RoutingConfig(top_k=2, scale=2.0)
     cfg = EndToEndConfig(k_start=8, transition=0.5)
-    ks = [_routing_at(s, 100, cfg, base, 8) for s in range(100)]
-    assert ks[0].top_k == 8 and ks[0].scale == pytest.approx(8.0)
+    sched = [_routing_at(s, 100, cfg, base, 8) for s in range(100)]
+    ks, mixes = [r for r, _ in sched], [m for _, m in sched]
+    assert ks[0].top_k == 8 and mixes[0] == 1.0  # every expert, unit weights: the dense model
     assert all(a.top_k >= b.top_k for a, b in zip(ks, ks[1:]))  # never rises
+    assert all(a >= b for a, b in zip(mixes, mixes[1:]))
     assert all(r.top_k == 2 and r.scale == 2.0 for r in ks[50:])  # target k from the end of the transition
-    assert _routing_at(0, 100, EndToEndConfig(), base, 8) is base  # off by default
+    assert all(m == 0.0 for m in mixes[50:])
+    assert _routing_at(0, 100, EndToEndConfig(), base, 8) == (base, 0.0)  # off by default
     # k_start above the number of experts is clamped
-    assert _routing_at(0, 100, EndToEndConfig(k_start=99, transition=0.2), base, 4).top_k == 4
+    assert _routing_at(0, 100, EndToEndConfig(k_start=99, transition=0.2), base, 4)[0].top_k == 4
+
+
+def test_transition_start_is_the_dense_model(tmp_path):
+    src = make_llama(tmp_path / "dense", ffn=96, layers=2)
+    dense = surgery.load(src)
+    model = convert_model(surgery.load(src), ConvertConfig(experts=6, top_k=2, seed=1, shared_experts=2))
+    ids = torch.randint(1, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    for b in moe_blocks(model):
+        b.routing, b.unit_mix = _routing_at(0, 10, EndToEndConfig(k_start=6, transition=0.5), b.routing, 6)
+    with torch.no_grad():
+        assert relative_error(model(input_ids=ids).logits, dense(input_ids=ids).logits) < 1e-5
 
 
 def test_epoch_order_repeats_the_data_evenly():
@@ -90,6 +104,7 @@ def test_e2e_transition_ends_at_target_k_and_restores_routing(tiny, tmp_path):
     ks = [h["top_k"] for h in res["history"]]
     assert ks[0] == 8 and ks[-1] == 2 and ks == sorted(ks, reverse=True)
     assert [b.routing for b in moe_blocks(student)] == before
+    assert all(b.unit_mix == 0.0 for b in moe_blocks(student))
     assert len(res["snapshots"]) == 1 and res["snapshots"][0]["step"] == 5
     snap = torch.load(res["snapshots"][0]["path"], weights_only=True)
     assert any(".mlp.experts.gate_proj" in k for k in snap)
