@@ -30,6 +30,10 @@ import torch.nn.functional as Fn
 IMPLS = ("dense", "ideal", "ours", "grouped_mm", "loop", "scattermoe")
 # (label, D, dense width E*F, E, K)
 SHAPES = [("llama2-7b", 4096, 11008, 16, 4), ("llama2-7b", 4096, 11008, 8, 2), ("mixtral", 4096, 14336 * 8, 8, 2)]
+# Granularity: the demo model's FFN (D 576, width 1536) cut into ever smaller experts, half of them active:
+# what finer experts cost the kernels (and the CPU reference) at equal active width.
+GRANULARITY_SHAPES = [("smollm2", 576, 1536, E, E // 2) for E in (16, 48, 64, 96, 192)]
+SHAPE_SETS = {"default": SHAPES, "granularity": GRANULARITY_SHAPES}
 CPU_MAX_T = 128  # the reference on CPU: small T only
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -149,11 +153,10 @@ def _scattermoe_fn(x, experts, w, ids):
     return lambda: mlp(x, w.to(x.dtype), ids)
 
 
-def _plan(device, tokens, quick):
-    shapes = SHAPES
+def _plan(device, tokens, quick, shapes=SHAPES):
     if device.type != "cuda":
         tokens = [t for t in tokens if t <= CPU_MAX_T]
-        if quick:
+        if quick and shapes is SHAPES:
             shapes, tokens = SHAPES[:1], [t for t in tokens if t <= 16][:2] or [1]
     elif quick:
         tokens = [t for t in tokens if t <= 1024]
@@ -161,7 +164,7 @@ def _plan(device, tokens, quick):
 
 
 def bench_kernels(json_path, device=None, tokens=(1, 16, 128, 1024, 8192, 32768), impls=None,
-                  quick=False) -> dict:
+                  quick=False, shape_set: str = "default") -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     impls = tuple(impls or IMPLS)
@@ -172,7 +175,7 @@ def bench_kernels(json_path, device=None, tokens=(1, 16, 128, 1024, 8192, 32768)
         impls = ("ours",)  # the reference path only, beside the dense and ideal anchors
     dtype = torch.bfloat16 if cuda else torch.float32
     timer = _timer(device, warmup=2 if quick or not cuda else 5, repeats=3 if quick or not cuda else 20)
-    shapes, tokens = _plan(device, list(tokens), quick)
+    shapes, tokens = _plan(device, list(tokens), quick, SHAPE_SETS[shape_set])
     rows, skipped = [], []
     g = torch.Generator(device=device).manual_seed(0)
     for label, D, width, E, K in shapes:
@@ -228,6 +231,7 @@ def bench_kernels(json_path, device=None, tokens=(1, 16, 128, 1024, 8192, 32768)
         "path": path,
         "dtype": str(dtype).removeprefix("torch."),
         "quick": bool(quick),
+        "shapes": shape_set,
         "routing": "uniform random top-k, weights 1/K",
         "rows": rows,
         "skipped": skipped,

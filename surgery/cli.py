@@ -200,8 +200,10 @@ def _prefill_list(text: str) -> list[tuple[int, int]]:
 @click.option("--json", "json_path", type=click.Path(), required=True, help="Where to write the results JSON.")
 @click.option("--tokens", default="1,16,128,1024,8192,32768", show_default=True, help="Token counts T.")
 @click.option("--quick", is_flag=True, help="Few shapes and repeats (a smoke test; the CPU default).")
+@click.option("--shapes", "shape_set", type=click.Choice(["default", "granularity"]), default="default",
+              show_default=True, help="granularity: the demo model's FFN cut into 16 to 192 experts, half active.")
 @_friendly
-def bench_kernels_cmd(json_path, tokens, quick):
+def bench_kernels_cmd(json_path, tokens, quick, shape_set):
     """One MoE FFN layer at Llama-2-7B shape (E16 K4, E8 K2) and Mixtral shape (E8 K2): ours against a dense
     SwiGLU, the ideal (a dense FFN of the active width), torch._grouped_mm, a per-expert loop and ScatterMoE
     when importable. On a machine without CUDA only the PyTorch reference runs, labelled as such."""
@@ -210,7 +212,7 @@ def bench_kernels_cmd(json_path, tokens, quick):
     from surgery_evals.bench_kernels import bench_kernels
 
     quick = quick or not torch.cuda.is_available()
-    result = bench_kernels(json_path, tokens=tuple(_int_list(tokens, "--tokens")), quick=quick)
+    result = bench_kernels(json_path, tokens=tuple(_int_list(tokens, "--tokens")), quick=quick, shape_set=shape_set)
     click.echo(json.dumps({"json": json_path, "rows": len(result["rows"]), "device": result["device"]}))
 
 
@@ -311,7 +313,7 @@ def export_cmd(model_path, out, fmt, dtype, max_shard_size, perplexity_json, ove
 @main.command("profile")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--data", default=None, help="Text or JSONL file, or 'sample' (text sampled from MODEL itself)  "
+@click.option("--data", default=None, help="Text or JSONL file, 'sample' (text sampled from MODEL itself) or 'mix' (half WikiText-2 valid, half sampled)  "
               "[default: ../shared/data/wikitext-2/valid.txt]")
 @click.option("--tokens", type=int, default=16384, show_default=True, help="Token budget.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Window length.")
@@ -340,7 +342,7 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--teacher", type=click.Path(), required=True, help="The dense model MODEL was converted from.")
-@click.option("--data", default=None, help="Text or JSONL file, or 'sample' (text sampled from the teacher)  "
+@click.option("--data", default=None, help="Text or JSONL file, 'sample' (text sampled from the teacher) or 'mix' (half WikiText-2 valid, half sampled)  "
               "[default: ../shared/data/wikitext-2/valid.txt]")
 @click.option("--tokens", type=int, default=32768, show_default=True, help="End-to-end token budget (0: skip).")
 @click.option("--layerwise-tokens", type=int, default=8192, show_default=True, help="Layer-wise tokens (0: skip).")

@@ -127,6 +127,14 @@ def resolve_data(name) -> Path:
     return Path(name)
 
 
+def interleave(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+    """Blocks of `block` ids taken in turn from a and b (the longer one's rest at the end)."""
+    out = []
+    for i in range(0, max(a.numel(), b.numel()), block):
+        out += [a[i:i + block], b[i:i + block]]
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
                   temperature: float = 1.0, top_p: float = 0.95, progress: bool = True) -> torch.Tensor:

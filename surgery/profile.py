@@ -150,16 +150,24 @@ def load_profile(path) -> tuple[dict[int, LayerStats], dict]:
         raise SurgeryError(f"{p}: not a surgery profile ({type(e).__name__})") from None
 
 
+MIX_BLOCK = 512  # a multiple of every stage's window, so each window is from one source
+
+
 def calibration_ids(tokenizer, data=None, tokens: int = 16384, model=None, seed: int = 0,
                     progress: bool = True) -> torch.Tensor:
     """Token ids for calibration: the first `tokens` of a text/JSONL file (default WikiText-2 valid), or, with
-    data="sample", text sampled from `model` itself (data-free)."""
-    from surgery.data import resolve_data, sample_corpus, tokenize_file
+    data="sample", text sampled from `model` itself (data-free), or with data="mix", half and half of the two
+    interleaved in blocks of MIX_BLOCK tokens (the model's own text keeps domains the file lacks in step)."""
+    from surgery.data import interleave, resolve_data, sample_corpus, tokenize_file
 
-    if data == "sample":
+    if data in ("sample", "mix"):
         if model is None:
-            raise SurgeryError("--data sample needs the dense model to sample from")
-        return sample_corpus(model, tokenizer, tokens, seed=seed, progress=progress)
+            raise SurgeryError(f"--data {data} needs the dense model to sample from")
+        n = tokens if data == "sample" else tokens - tokens // 2
+        sampled = sample_corpus(model, tokenizer, n, seed=seed, progress=progress, batch_size=32)
+        if data == "sample":
+            return sampled
+        return interleave(tokenize_file(tokenizer, resolve_data(None), tokens // 2), sampled, MIX_BLOCK)
     path = resolve_data(data)
     return tokenize_file(tokenizer, path, tokens)  # a short file gives what it has; callers report the count
 

@@ -53,7 +53,7 @@ class Recipe:
     convert: dict = field(default_factory=dict)  # ConvertConfig fields
     layerwise: dict | None = None  # LayerwiseConfig fields, or null to skip
     e2e: dict | None = None  # EndToEndConfig fields, or null to skip
-    calibration_data: str | None = None  # for layerwise/e2e: path, "sample", or default WikiText-2 valid
+    calibration_data: str | None = None  # layerwise/e2e: path, "sample", "mix" (half each), default WikiText-2 valid
     evaluate: dict = field(default_factory=dict)
     time_budget_s: float | None = None  # the recipe's stated budget (reported, not enforced)
     export: list = field(default_factory=list)  # formats written to DIR/export-<format>/ (native, mixtral, ...)
@@ -168,19 +168,27 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             dense = load_model(src, dtype=recipe.dtype, device=device)
         return dense
 
-    def sampled(tokens: int) -> torch.Tensor:
+    def sampled(tokens: int, mode: str = "sample") -> torch.Tensor:
         """Text sampled from the dense model (data: sample), drawn once for every stage and kept in the run
-        folder: the stages then share one corpus and a resumed run does not sample again."""
+        folder: the stages then share one corpus and a resumed run does not sample again. data: mix takes
+        half of each stage's tokens from WikiText-2 valid and half from that corpus, interleaved."""
+        from surgery.data import interleave, resolve_data, tokenize_file
+        from surgery.profile import MIX_BLOCK
+
+        own = tokens if mode == "sample" else tokens - tokens // 2
         path = out / "sampled_corpus.pt"
         ids = torch.load(path, weights_only=True) if path.is_file() else None
-        if ids is None or ids.numel() < tokens:
+        if ids is None or ids.numel() < own:
             need = max(tokens, ProfileConfig(**{k: v for k, v in recipe.profile.items() if k != "data"}).tokens,
                        LayerwiseConfig(**recipe.layerwise).tokens if recipe.layerwise is not None else 0,
                        EndToEndConfig(**recipe.e2e).tokens if recipe.e2e is not None else 0)
+            need = need if mode == "sample" else need - need // 2
             ids = calibration_ids(tokenizer, "sample", need, get_dense(), recipe.seed, progress)
             with atomic_file(path) as tmp:
                 torch.save(ids, tmp)
-        return ids[:tokens]
+        if mode == "sample":
+            return ids[:tokens]
+        return interleave(tokenize_file(tokenizer, resolve_data(None), tokens // 2), ids[:own], MIX_BLOCK)
 
     # 1. profile
     prof_path = out / "profile.pt"
@@ -189,7 +197,7 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
         pcfg = dict(recipe.profile)
         data = pcfg.pop("data", None)
         pc = ProfileConfig(seed=recipe.seed, **pcfg)
-        ids = sampled(pc.tokens) if data == "sample" else \
+        ids = sampled(pc.tokens, data) if data in ("sample", "mix") else \
             calibration_ids(tokenizer, data, pc.tokens, get_dense(), recipe.seed, progress)
         stats = profile_model(get_dense(), ids, pc, progress)
         save_profile(stats, prof_path, {"data": str(data or "wikitext-valid"), "config": asdict(pc)})
@@ -214,7 +222,8 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             cfg = CalibrateConfig(layerwise=LayerwiseConfig(**recipe.layerwise) if s == "layerwise" else None,
                                   e2e=EndToEndConfig(**recipe.e2e) if s == "e2e" else None,
                                   seed=recipe.seed, data=recipe.calibration_data)
-            ids = sampled((cfg.layerwise or cfg.e2e).tokens) if recipe.calibration_data == "sample" else None
+            ids = sampled((cfg.layerwise or cfg.e2e).tokens, recipe.calibration_data) \
+                if recipe.calibration_data in ("sample", "mix") else None
             res = calibrate(student, get_dense(), tokenizer, cfg, ckpt=out / "checkpoints" / s, resume=True,
                             progress=progress, ids=ids)
             save_converted(student, stage_dir(s), tokenizer_from=src, overwrite=True)

@@ -166,6 +166,10 @@ CASES = [
     (64, 32, 8, 24, 8, 0, False),  # K == E: every expert on
     (200, 32, 64, 24, 8, 16, None),
     (200, 48, 4, 40, 1, 0, None),
+    # the recipes' fine-grained shapes: 48 experts of 24 top-16 + 384 shared (50%), 56 of 24 top-8 (25%)
+    (3, 576, 48, 24, 16, 384, None),
+    (40, 64, 48, 24, 16, 32, False),
+    (40, 64, 56, 24, 8, 32, None),
 ]
 
 

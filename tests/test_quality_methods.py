@@ -204,3 +204,24 @@ def test_baseline_errors():
         apply_baseline(None, "magic", 0.5)
     with pytest.raises(SurgeryError, match="--keep"):
         apply_baseline(None, "static", 0.0)
+
+
+def test_interleave_alternates_blocks_and_keeps_everything():
+    from surgery.data import interleave
+
+    a, b = torch.arange(0, 10), torch.arange(100, 105)
+    out = interleave(a, b, 4)
+    assert out.tolist() == [0, 1, 2, 3, 100, 101, 102, 103, 4, 5, 6, 7, 104, 8, 9]
+
+
+def test_mix_calibration_is_half_file_half_sampled(tmp_path, monkeypatch):
+    import surgery.data as data
+    from surgery.profile import MIX_BLOCK, calibration_ids
+
+    monkeypatch.setattr(data, "sample_corpus", lambda model, tok, n, **kw: torch.full((n,), -1))
+    monkeypatch.setattr(data, "tokenize_file", lambda tok, path, n: torch.arange(n))
+    ids = calibration_ids(None, "mix", 4 * MIX_BLOCK, model=object())
+    assert ids.numel() == 4 * MIX_BLOCK and (ids == -1).sum() == 2 * MIX_BLOCK
+    assert (ids[:MIX_BLOCK] >= 0).all() and (ids[MIX_BLOCK:2 * MIX_BLOCK] == -1).all()
+    with pytest.raises(SurgeryError, match="mix needs the dense model"):
+        calibration_ids(None, "mix", 16)
