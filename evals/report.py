@@ -115,6 +115,28 @@ def plot_ppl_vs_active(points: list[dict], path, title: str = "perplexity vs act
     return Path(path)
 
 
+def plot_curve(points: list[dict], path, title: str, dense: float | None = None) -> Path:
+    """Perplexity against calibration minutes (a recipe's e2e snapshots and its final model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["minutes"] for p in points], [p["perplexity"] for p in points], "o-", label="converted")
+    if dense:
+        ax.axhline(dense, color="gray", ls="--", label="dense")
+    ax.set_xlabel("calibration minutes (pipeline, evaluation excluded)")
+    ax.set_ylabel(f"perplexity ({points[0]['dataset']})" if points else "perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def quality_rows(folder) -> list[dict]:
     """Every results/quality/*.json written by `surgery run` (report.json copies) as flat table rows."""
     rows = []

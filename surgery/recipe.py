@@ -460,5 +460,12 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
     points = [{"label": e["stage"], "active": e.get("active_ffn_fraction", 1.0), "dataset": e["dataset"],
                "perplexity": e["perplexity"]} for e in evaluations]
     plot_ppl_vs_active(points, out / "perplexity_vs_active.png", f"{recipe.name}")
+    if curve:
+        from surgery_evals.report import plot_curve
+
+        dense_ppl = next((e["perplexity"] for e in evaluations
+                          if e["stage"] == "dense" and e["dataset"] == curve[0]["dataset"]), None)
+        plot_curve(curve, out / "ppl_vs_minutes.png", f"{recipe.name}: perplexity against calibration time",
+                   dense_ppl)
     state.mark("evaluate", {"count": len(evaluations)})
     return report

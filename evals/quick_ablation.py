@@ -1,0 +1,85 @@
+"""Quick ablations on the demo model: one JSON spec -> convert in memory, calibrate, evaluate 8k tokens each of
+WikiText-2 test and stdlib source, append one JSON line to results/quality/ablations.jsonl.
+
+    python -m surgery_evals.quick_ablation '{"convert": {"experts": 48, "shared_experts": 16, "top_k": 16,
+        "method": "coactivation", "router_init": "fitted"}, "layerwise": {...}, "e2e": {...}, "data": "mix"}'
+
+The spec's blocks are ConvertConfig, LayerwiseConfig and EndToEndConfig fields (omit a block to skip that
+stage); "data" is the calibration data (default WikiText-2 valid). The profile (16k tokens of WikiText-2 valid,
+as the recipes) and each conversion are cached under runs/ablation-cache/, so ablations of calibration on one
+structure do not convert again. Short budgets, 8k-token evaluations: for choosing, not for final numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/ablation-cache",
+         source="runs/smollm2") -> dict:
+    from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate
+    from surgery.convert import ConvertConfig, convert_model
+    from surgery.data import resolve_data
+    from surgery.modeling import load_model, load_tokenizer
+    from surgery.moe import set_impl
+    from surgery.profile import ProfileConfig, calibration_ids, load_profile, profile_model, save_profile
+    from surgery_evals.perplexity import perplexity
+    from surgery_evals.report import machine
+
+    spec = json.loads(spec_text)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(source)
+    prof = cache / "profile.pt"
+    if not prof.exists():
+        dense = load_model(source)
+        pc = ProfileConfig(tokens=16384, ctx=512, samples=4096)
+        save_profile(profile_model(dense, calibration_ids(tok, None, pc.tokens, dense, 0, False), pc, False), prof)
+    stats, _ = load_profile(prof)
+    teacher = load_model(source)
+    student = load_model(source)
+    cc = ConvertConfig(**spec["convert"])
+    cc.stats = stats
+    key = hashlib.sha256(json.dumps(spec["convert"], sort_keys=True).encode()).hexdigest()[:12]
+    conv = cache / f"convert-{key}.pt"
+    t0 = time.time()
+    if conv.exists():  # same structure as an earlier ablation: reuse its conversion
+        blob = torch.load(conv, weights_only=False)
+        convert_model(student, ConvertConfig(**{**spec["convert"], "method": "random", "router_init": "centroid"}))
+        student.load_state_dict(blob["state"])
+        student.surgery_config = blob["cfg"]
+    else:
+        convert_model(student, cc)
+        torch.save({"state": student.state_dict(), "cfg": student.surgery_config}, conv)
+    res = {"spec": spec, "convert_seconds": round(time.time() - t0, 1)}
+    lw = LayerwiseConfig(**spec["layerwise"]) if spec.get("layerwise") else None
+    e2e = EndToEndConfig(**spec["e2e"]) if spec.get("e2e") else None
+    if lw or e2e:
+        t0 = time.time()
+        r = calibrate(student, teacher, tok, CalibrateConfig(layerwise=lw, e2e=e2e, seed=0, data=spec.get("data")))
+        res["calibration_seconds"] = round(time.time() - t0, 1)
+        if "e2e" in r:
+            h = r["e2e"]["history"]
+            res["e2e_kd_first_last10"] = [h[0]["kd"], round(sum(x["kd"] for x in h[-10:]) / min(10, len(h)), 5)]
+            res["e2e_tokens_per_s"] = round(r["e2e"]["tokens"] / max(1e-9, r["e2e"]["seconds"]), 1)
+    set_impl(student, "masked")  # the same function as the grouped path, faster to evaluate on a CPU
+    for name, data in (("wikitext", "wikitext-test"), ("stdlib", "stdlib")):
+        res[name] = round(perplexity(student, tok, resolve_data(data), 8192, 1024, 1, False)["perplexity"], 3)
+    res["eval_tokens"] = 8192
+    res["machine"] = machine()["summary"]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(res) + "\n")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main(sys.argv[1])
