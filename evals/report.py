@@ -92,48 +92,45 @@ def plot_expert_load(fractions: list[list[float]], path, title: str = "expert lo
 
 def plot_ppl_vs_active(points: list[dict], path, title: str = "perplexity vs active FFN fraction") -> Path:
     """points: {"label", "active", "dataset", "perplexity"}; one line per dataset (log-scale perplexity)."""
+    with _log_ppl_figure(path, title, "active FFN fraction", "perplexity") as ax:
+        for ds in sorted({p["dataset"] for p in points}):
+            pts = sorted((p for p in points if p["dataset"] == ds), key=lambda p: p["active"])
+            ax.plot([p["active"] for p in pts], [p["perplexity"] for p in pts], "o-", label=ds)
+            for p in pts:
+                ax.annotate(p["label"], (p["active"], p["perplexity"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _log_ppl_figure(path, title: str, xlabel: str, ylabel: str):
+    """One 6x4 figure with a log-scale perplexity axis; the body draws on the yielded axes; saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for ds in sorted({p["dataset"] for p in points}):
-        pts = sorted((p for p in points if p["dataset"] == ds), key=lambda p: p["active"])
-        ax.plot([p["active"] for p in pts], [p["perplexity"] for p in pts], "o-", label=ds)
-        for p in pts:
-            ax.annotate(p["label"], (p["active"], p["perplexity"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xlabel("active FFN fraction")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def plot_curve(points: list[dict], path, title: str, dense: float | None = None) -> Path:
     """Perplexity against calibration minutes (a recipe's e2e snapshots and its final model)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["minutes"] for p in points], [p["perplexity"] for p in points], "o-", label="converted")
-    if dense:
-        ax.axhline(dense, color="gray", ls="--", label="dense")
-    ax.set_xlabel("calibration minutes (pipeline, evaluation excluded)")
-    ax.set_ylabel(f"perplexity ({points[0]['dataset']})" if points else "perplexity")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ylabel = f"perplexity ({points[0]['dataset']})" if points else "perplexity"
+    with _log_ppl_figure(path, title, "calibration minutes (pipeline, evaluation excluded)", ylabel) as ax:
+        ax.plot([p["minutes"] for p in points], [p["perplexity"] for p in points], "o-", label="converted")
+        if dense:
+            ax.axhline(dense, color="gray", ls="--", label="dense")
     return Path(path)
 
 
