@@ -16,6 +16,7 @@ Budgets are in tokens; bars show the loss and a running perplexity; checkpoints 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -99,15 +100,20 @@ class CalibrateConfig:
         return asdict(self)
 
 
+@functools.cache
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bfloat16 matmuls beat float32 here: on GPUs, and on CPUs with AMX or AVX-512 BF16 (~2x). On a
     CPU without them (AMD EPYC without AVX-512, say) oneDNN emulates bf16 and a matmul runs ~8x slower."""
     if device.type == "cuda":
         return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -190,13 +196,14 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=cfg.expert_lr)
+        autocast = _autocast_on(cfg.autocast, x.device)  # decided once, not per step
         g = torch.Generator().manual_seed(seed)
         N = x.shape[0]
         steps = max(1, int(cfg.expert_epochs * N / cfg.batch_tokens))
         for _ in range(steps):
             idx = torch.randint(0, N, (min(cfg.batch_tokens, N),), generator=g)
             xb = x[idx].to(block.router.weight.dtype)
-            with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=_autocast_on(cfg.autocast, xb.device)):
+            with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=autocast):
                 yb = block(xb)
             loss = losses.block_error(yb.float(), target[idx])
             lg = block.last_router_logits
