@@ -274,10 +274,11 @@ def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, d
 @main.command("export")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["native", "mixtral", "qwen2_moe"]), required=True,
-              help="mixtral / qwen2_moe: stock transformers classes; native: surgery's own format.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Output dtype  [default: the model's]")
+@click.option("--format", "fmt", type=click.Choice(["native", "mixtral", "qwen2_moe", "gguf"]), required=True,
+              help="mixtral / qwen2_moe: stock transformers classes; native: surgery's own format; gguf: one "
+                   "file for llama.cpp.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0"]),
+              default=None, help="Output dtype; gguf: f32, f16, bf16 or q8_0  [default: the model's]")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--perplexity-json", type=click.Path(), default=None,
               help="A `surgery eval perplexity --json` result to quote in the model card.")
@@ -291,6 +292,8 @@ def export_cmd(model_path, out, fmt, dtype, max_shard_size, perplexity_json, ove
     --format mixtral    MixtralForCausalLM: no shared experts, softmax routing renormalised to sum 1
     --format qwen2_moe  Qwen2MoeForCausalLM: shared experts allowed, renormalisation optional
     --format native     surgery's own format again (e.g. in another --dtype)
+    --format gguf       OUT.gguf for llama.cpp, dense models too: Mixtral layout (arch llama), shared
+                        experts as Granite-MoE's (granitemoe), unrenormalised routing as DeepSeek-MoE's
 
     \b
     The stock formats load with plain transformers, no trust_remote_code:
@@ -456,3 +459,145 @@ def quality_table_cmd(folder, as_json):
 
 if __name__ == "__main__":
     main()
+
+
+# ---- modularity: what a domain uses, prune, extend (issue 12) -----------------------------------------
+
+@main.group("experts")
+def experts_group():
+    """Inspect the experts of a converted model per domain."""
+
+
+@experts_group.command("stats")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--data", "data", multiple=True, required=True,
+              help="A domain, repeatable: a text/JSONL file, NAME=FILE, or wikitext-valid, wikitext-test, stdlib, "
+                   "stdlib-train, stdlib-eval.")
+@click.option("--tokens", type=int, default=16384, show_default=True, help="Tokens per domain.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(), help="Write the full statistics JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(), help="Write a heatmap PNG (layers x experts per domain).")
+@_friendly
+def experts_stats_cmd(model_path, data, tokens, ctx, device, json_path, plot_path):
+    """Which routed experts each domain uses, per layer.
+
+    \b
+    Per layer and expert: the fraction of tokens routed to it (a layer's fractions sum to top-k), its mean
+    routing weight and mean output norm when routed, and its mean contribution (weight x output norm over
+    all tokens). Per domain: routing entropy (of expert usage, and of the router's softmax, both / log E);
+    between domains: Jaccard overlap of their top-k most used experts and the histogram intersection of
+    their usage. Prints a per-domain summary; --json has everything.
+
+    \b
+      surgery experts stats runs/smollm2-50pct/model --data wikitext-valid --data stdlib-train \\
+          --json results/modularity/stats.json --plot results/modularity/stats.png
+    """
+    from surgery.experts.commands import run_stats
+
+    result = run_stats(model_path, list(data), tokens, ctx, plot_path, device)
+    if json_path:
+        _emit(result, json_path, as_json=False)
+    short = {"model": result["model"], "domains": {n: d["summary"] for n, d in result["domains"].items()},
+             "overlap": {n: {k: round(v, 4) for k, v in o.items() if k.startswith("mean")}
+                         for n, o in result["overlap"].items()}}
+    click.echo(json.dumps(short, indent=2))
+
+
+@main.command("prune")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--data", required=True, help="The domain to specialise for: a text/JSONL file or a named set "
+              "(stdlib-train, wikitext-valid, ...).")
+@click.option("--keep-experts", type=int, default=None, help="Routed experts kept per layer.")
+@click.option("--keep-fraction", type=float, default=None, help="Fraction of the routed experts kept per layer.")
+@click.option("--criterion", type=click.Choice(["frequency", "weighted-norm", "reconstruction"]),
+              default="weighted-norm", show_default=True)
+@click.option("--tokens", type=int, default=16384, show_default=True, help="Domain tokens for the statistics.")
+@click.option("--top-k", type=int, default=None, help="A new top-k (at most the kept experts)  [default: unchanged]")
+@click.option("--calibrate-tokens", type=int, default=0, show_default=True,
+              help="Then distil the pruned model from the unpruned one on the domain for this many tokens.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="With --calibrate-tokens.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
+@_friendly
+def prune_cmd(model_path, out, data, keep_experts, keep_fraction, criterion, tokens, top_k, calibrate_tokens, lr,
+              device, overwrite, json_path):
+    """Keep, per layer, the routed experts a domain needs: a smaller specialist model.
+
+    \b
+    Criteria: frequency (tokens routed), weighted-norm (mean routing weight x output norm), reconstruction
+    (the subset whose re-routed output best matches the unpruned block on the domain; exact search when
+    C(E, keep) <= 5000, else greedy elimination). Shared experts stay; router rows are sliced; routing
+    among the kept experts is the old routing with the pruned ones removed. OUT is a native model that
+    `surgery eval`, `info` and `export` accept; the pruning is recorded in its config (`surgery.modules`).
+
+    \b
+      surgery prune runs/smollm2-50pct/model runs/stdlib-half --data stdlib-train --keep-fraction 0.5
+    """
+    from surgery.config import MoEConfig
+    from surgery.experts.commands import run_prune
+    from surgery.experts.prune import PruneConfig, keep_count
+    from surgery.checkpoint import read_config_dict, check_model_path
+
+    p = check_model_path(model_path)
+    cfg = read_config_dict(p) if p.is_dir() else {}
+    if "surgery" not in cfg:
+        raise SurgeryError(f"{model_path}: not a converted surgery model (pruning needs routed experts)")
+    moe = MoEConfig.from_dict(cfg["surgery"])
+    if top_k is not None and top_k > moe.top_k:
+        raise SurgeryError(f"--top-k {top_k}: larger than the model's top-k {moe.top_k}")
+    keep = keep_count(moe.num_experts, moe.top_k, keep_experts, keep_fraction, top_k)
+    pc = PruneConfig(keep=keep, criterion=criterion, tokens=tokens, top_k=top_k)
+    _emit(run_prune(model_path, out, data, pc, calibrate_tokens, lr, device, overwrite), json_path)
+
+
+@main.command("extend")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--data", required=True, help="The new domain: a text/JSONL file or a named set (stdlib-train, ...).")
+@click.option("--new-experts", type=int, required=True, help="Routed experts added per layer (one new pool).")
+@click.option("--new-top-k", type=int, default=None, help="Experts of the pool each token uses  [default: "
+              "round(top-k x new / old), the same active share]")
+@click.option("--init", "init", type=click.Choice(["zero", "copy-most-used"]), default="zero", show_default=True,
+              help="copy-most-used: copies of the experts the new domain uses most; zero: the same copies with a "
+                   "zero down-projection (the extended model starts equal to MODEL).")
+@click.option("--tokens", type=int, default=32768, show_default=True, help="New-domain training tokens.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--balance", type=float, default=0.0, show_default=True, help="Load-balance loss weight (new pool).")
+@click.option("--concentration", type=float, default=0.0, show_default=True,
+              help="Load-concentration loss weight (new pool).")
+@click.option("--memory", default=None, help="Old-domain replay memory (file or named set) for L2R router tuning.")
+@click.option("--memory-tokens", type=int, default=0, show_default=True,
+              help="Memory tokens; the router stage trains on as many new-domain tokens beside them.")
+@click.option("--router-lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
+@_friendly
+def extend_cmd(model_path, out, data, new_experts, new_top_k, init, tokens, lr, balance, concentration, memory,
+               memory_tokens, router_lr, seed, device, overwrite, json_path):
+    """Add new experts for a new domain and train only them: the old model is frozen, bit for bit.
+
+    \b
+    Each layer gets a pool of --new-experts experts with its own router rows (sigmoid scores, top
+    --new-top-k), initialised from the experts the new domain uses most. Stage 1 trains the new experts
+    and their router rows on --data (language modelling, optional balance / concentration losses). Stage 2
+    (with --memory), as in Learning to Route: only the new router rows, on memory windows (matching the
+    base model's predictions) and new-domain windows in turn. OUT is a native model (`surgery eval`,
+    `info`); stock export formats cannot hold a second pool.
+
+    \b
+      surgery extend runs/smollm2-50pct/model runs/plus-stdlib --data stdlib-train --new-experts 12 \\
+          --tokens 32768 --memory wikitext-valid --memory-tokens 8192
+    """
+    from surgery.experts.commands import run_extend
+    from surgery.experts.extend import ExtendConfig
+
+    if tokens < 1:
+        raise SurgeryError(f"--tokens {tokens}: must be positive")
+    cfg = ExtendConfig(new_experts=new_experts, init=init, top_k=new_top_k, tokens=tokens, lr=lr, balance=balance,
+                       concentration=concentration, memory_tokens=memory_tokens, router_lr=router_lr, seed=seed)
+    _emit(run_extend(model_path, out, data, cfg, memory, device, overwrite), json_path)

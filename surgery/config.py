@@ -25,6 +25,10 @@ class MoEConfig:
     permutations: list[list[int]] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     version: str = ""
+    # Expert pools added after conversion (`surgery extend`): [{"num_experts", "expert_width", "routing"}]
+    extensions: list[dict] = field(default_factory=list)
+    # What was done to the experts after conversion, in order (prune, extend): one record per operation.
+    modules: list[dict] = field(default_factory=list)
 
     @property
     def top_k(self) -> int:

@@ -30,7 +30,12 @@ def model_info(model) -> dict:
     # Per token, a layer uses K of E routed experts (padding neurons excluded: they do no work).
     idle_per_layer = 3 * D * sum(moe.expert_sizes) * (1 - moe.top_k / moe.num_experts)
     padding = sum(3 * D * (moe.expert_width - n) for n in moe.expert_sizes) * len(moe_blocks(model))
+    for ext in moe.extensions:  # pools added by `surgery extend`: top-k of their experts run per token
+        idle_per_layer += 3 * D * ext["expert_width"] * (ext["num_experts"] - ext["routing"]["top_k"])
     info.update(
+        extensions=[{k: ext[k] for k in ("num_experts", "expert_width")} | {"top_k": ext["routing"]["top_k"]}
+                    for ext in moe.extensions],
+        modules=[{k: v for k, v in m.items() if k != "kept"} for m in moe.modules],
         experts=moe.num_experts,
         top_k=moe.top_k,
         shared_experts=moe.shared_experts,

@@ -53,10 +53,16 @@ def make_config(base: dict):
 
 
 def install_moe_blocks(model: nn.Module, moe: MoEConfig, dtype=None, device=None) -> None:
+    from surgery.moe import ExpertPool
+    from surgery.router import RoutingConfig
+
     cfg = model.config
     for layer in model.model.layers:
         layer.mlp = MoEBlock(cfg.hidden_size, moe.num_experts, moe.expert_width, moe.shared_width,
                              moe.routing, dtype=dtype, device=device)
+        for ext in moe.extensions:
+            layer.mlp.extensions.append(ExpertPool(cfg.hidden_size, ext["num_experts"], ext["expert_width"],
+                                                   RoutingConfig(**ext["routing"]), dtype=dtype, device=device))
 
 
 def _fix_meta_buffers(model: nn.Module) -> None:

@@ -44,6 +44,29 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width, **kw))
 
 
+class ExpertPool(nn.Module):
+    """Experts added to a converted block after conversion (`surgery extend`): their own router rows and top-k,
+    added to the block's output. Sigmoid scores without renormalisation by default, so a pool can learn to
+    switch itself off on text it does not help; with a zero down-projection it adds exactly nothing."""
+
+    def __init__(self, hidden: int, num_experts: int, width: int, routing: RoutingConfig, dtype=None, device=None):
+        super().__init__()
+        self.hidden, self.num_experts, self.routing = hidden, num_experts, routing
+        self.router = nn.Linear(hidden, num_experts, bias=False, dtype=dtype, device=device)
+        self.experts = Experts(num_experts, width, hidden, dtype, device)
+        self.last_router_logits: torch.Tensor | None = None
+
+    def forward(self, x_TD: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        from surgery_kernels import ops
+
+        logits_TE = Fn.linear(x_TD.float(), self.router.weight.float())
+        self.last_router_logits = logits_TE
+        r = self.routing
+        weights_TK, ids_TK = ops.route(logits_TE, r.top_k, r.score_func, r.renormalize, r.scale)
+        e = self.experts
+        return ops.moe_ffn(x_TD, e.gate_proj, e.up_proj, e.down_proj, weights_TK, ids_TK, impl=impl)
+
+
 class MoEBlock(nn.Module):
     def __init__(self, hidden: int, num_experts: int, expert_width: int, shared_width: int,
                  routing: RoutingConfig, dtype=None, device=None):
@@ -60,6 +83,10 @@ class MoEBlock(nn.Module):
         # Calibration's transition schedule: routing weights w become (1 - m) w + m (m = 1 with every expert
         # selected is the dense model exactly); 0 outside calibration.
         self.unit_mix = 0.0
+        # Pools of experts added by `surgery extend`; off under dense routing (they are not part of the dense
+        # model) and while `extensions_on` is False (the base model, e.g. as a distillation teacher).
+        self.extensions = nn.ModuleList()
+        self.extensions_on = True
 
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return Fn.linear(x_TD.float(), self.router.weight.float())  # routing decided in float32
@@ -82,6 +109,9 @@ class MoEBlock(nn.Module):
             e = self.experts
             y_TD = ops.moe_ffn(x_TD, e.gate_proj, e.up_proj, e.down_proj, weights_TK, ids_TK,
                                shared=shared, impl=self.impl)
+            if self.extensions_on:
+                for pool in self.extensions:
+                    y_TD = y_TD + pool(x_TD, self.impl)
         return y_TD.reshape(shape)
 
     def _dense(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ __all__ = ["FORMATS", "MANIFEST", "export", "export_model", "load_exported", "re
 
 def _format(fmt: str):
     if fmt not in FORMATS:
-        raise SurgeryError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise SurgeryError(f"--format {fmt!r}: choose one of {', '.join([*FORMATS, 'gguf'])}")
     return FORMATS[fmt]
 
 
@@ -61,6 +61,9 @@ def export(model, out, fmt: str, dtype=None, max_shard_size="5GB", overwrite: bo
     max_bytes = parse_size(max_shard_size)
     info = dict(info or getattr(model, "surgery_export_info", None) or {})
     base = base_config_dict(model)
+    if moe.extensions and fmt != "native":
+        raise SurgeryError(f"--format {fmt}: this model was extended (`surgery extend`) with a second pool of "
+                           f"experts, which no stock MoE architecture routes; use --format native")
     module.check(model, moe, base)
     dtype = parse_dtype(dtype) or next(model.parameters()).dtype
 
@@ -132,7 +135,17 @@ def export_model(model_path, out, fmt: str, dtype=None, max_shard_size="5GB", ov
     """Export the converted (or already exported) model folder `model_path` to `out`. Returns a summary."""
     from surgery.modeling import load_model
 
+    if fmt not in ("native",) and Path(model_path).is_dir() and (Path(model_path) / "config.json").is_file():
+        if read_config_dict(Path(model_path)).get("surgery", {}).get("extensions"):
+            raise SurgeryError(f"--format {fmt}: {model_path} was extended (`surgery extend`) with a second pool "
+                               f"of experts, which no stock MoE architecture routes; use --format native")
+    if fmt == "gguf":  # one file for llama.cpp, dense models too: its own writer (surgery/export/gguf.py)
+        from surgery.export.gguf import export_gguf
+
+        return export_gguf(model_path, out, dtype=dtype, overwrite=overwrite, progress=progress)
     _format(fmt)
+    if str(dtype).lower() in ("f32", "f16", "bf16", "q8_0"):
+        raise SurgeryError(f"--dtype {dtype}: a GGUF type; --format {fmt} takes float32, bfloat16 or float16")
     parse_dtype(dtype)
     parse_size(max_shard_size)
     src, out = Path(model_path), Path(out)
