@@ -61,18 +61,20 @@ def greedy_decode(model, prompt: torch.Tensor, steps: int, runtime: str = "auto"
     """Prefill `prompt` into a static KV cache, then `warmup + steps` greedy one-token decode steps.
     Returns (tokens [B, 1 + warmup + steps], seconds taken by the last `steps` steps). The warmup steps
     (compilation and CUDA-graph capture) are generated but not timed."""
+    from surgery.kvcache import with_cache
+
     device = prompt.device
     dtype = next(model.parameters()).dtype
     batch, prompt_len = prompt.shape
     graphs = runtime == "graphs" or (runtime == "auto" and device.type == "cuda")
 
     def step(tok, pos, cache):
-        return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1]
+        return model(input_ids=tok, cache_position=pos, use_cache=True, **with_cache(model, cache)).logits[:, -1]
 
     run_step = torch.compile(step, mode="reduce-overhead", dynamic=False) if graphs else step
     cache = _static_cache(model, batch, prompt_len + 1 + warmup + steps, device, dtype)
-    logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(prompt_len, device=device),
-                   use_cache=True).logits[:, -1]
+    logits = model(input_ids=prompt, cache_position=torch.arange(prompt_len, device=device), use_cache=True,
+                   **with_cache(model, cache)).logits[:, -1]
     out = [logits.argmax(-1, keepdim=True)]
     t0 = time.perf_counter()
     for i in range(warmup + steps):

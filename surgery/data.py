@@ -180,6 +180,8 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
     started from BOS (or a random vocabulary token when the tokenizer has none). Deterministic with `seed`."""
     from tqdm import tqdm
 
+    from surgery.kvcache import returned_cache, with_cache
+
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     bos = tokenizer.bos_token_id
@@ -195,8 +197,8 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
         cache = None
         step_ids = ids
         for _ in range(seq_len - 1):
-            res = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
-            cache = res.past_key_values
+            res = model(input_ids=step_ids, use_cache=True, **with_cache(model, cache))
+            cache = returned_cache(res)
             probs = torch.softmax(res.logits[:, -1].float().cpu() / max(temperature, 1e-5), -1)
             sp, si = probs.sort(-1, descending=True)
             keep = sp.cumsum(-1) - sp < top_p
