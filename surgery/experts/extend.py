@@ -173,6 +173,16 @@ def train_lm(model, params: list[torch.Tensor], streams: list[tuple[str, torch.T
             "history": history}
 
 
+def tune_routers(model, new_ids: torch.Tensor, memory_ids: torch.Tensor, cfg: ExtendConfig, progress: bool = True,
+                 pool_index: int = -1) -> dict:
+    """The L2R stage alone: train only the router rows of the pool on memory and new-domain windows in turn."""
+    routers = [pool.router.weight for pool in pools(model, pool_index)]
+    l2r = TrainConfig(tokens=2 * cfg.memory_tokens, ctx=cfg.ctx, batch_size=cfg.batch_size, lr=cfg.router_lr,
+                      warmup=cfg.warmup, seed=cfg.seed + 1)
+    return train_lm(model, routers, [("memory", memory_ids), ("new", new_ids)], l2r, desc="extend: L2R routers",
+                    progress=progress)
+
+
 def extend_model(model, new_ids: torch.Tensor, cfg: ExtendConfig, memory_ids: torch.Tensor | None = None,
                  progress: bool = True) -> dict:
     """Add a pool of new experts to every block of a converted model and train it (see the module doc).
@@ -200,11 +210,7 @@ def extend_model(model, new_ids: torch.Tensor, cfg: ExtendConfig, memory_ids: to
                                pool_logits=lambda: [p.last_router_logits for p in new_pools],
                                desc="extend: new experts", progress=progress)
     if memory_ids is not None and cfg.memory_tokens > 0:
-        routers = [pool.router.weight for pool in new_pools]
-        l2r = TrainConfig(tokens=2 * cfg.memory_tokens, ctx=cfg.ctx, batch_size=cfg.batch_size, lr=cfg.router_lr,
-                          warmup=cfg.warmup, seed=cfg.seed + 1)
-        record["router_tuning"] = train_lm(model, routers, [("memory", memory_ids), ("new", new_ids)], l2r,
-                                           desc="extend: L2R routers", progress=progress)
+        record["router_tuning"] = tune_routers(model, new_ids, memory_ids, cfg, progress)
     F = blocks[0].experts.gate_proj.shape[1]
     ext = {"num_experts": cfg.new_experts, "expert_width": F, "routing": new_pools[0].routing.to_dict()}
     summary = {k2: v for k2, v in record.items() if k2 not in ("train", "router_tuning")}
