@@ -164,16 +164,21 @@ def test_prune_empty_domain_file(tmp_path, tiny_moe):
     assert not (tmp_path / "p").exists()
 
 
+def _logits(model, ids):
+    with torch.no_grad():  # one kernel path (the CPU inference path) on both sides of every comparison
+        return model(input_ids=ids).logits
+
+
 def test_extend_zero_init_is_unchanged_then_trains_only_new_parameters(tmp_path, tiny_moe):
     model = load_model(tiny_moe)
     probe = _ids(64, seed=5)[None]
-    before_logits = model(input_ids=probe).logits
+    before_logits = _logits(model, probe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     from surgery.experts import extend as ext
 
     # zero init alone (no training): logits bit-identical
     ext.add_pools(model, 3, 1, "zero", [[0, 1, 2]] * 2)
-    assert torch.equal(model(input_ids=probe).logits, before_logits)
+    assert torch.equal(_logits(model, probe), before_logits)
     model = load_model(tiny_moe)
     cfg = ExtendConfig(new_experts=3, init="zero", tokens=2 * 2 * 64, ctx=64, batch_size=2, lr=1e-2,
                        memory_tokens=128, balance=0.01, concentration=0.01)
@@ -188,21 +193,21 @@ def test_extend_zero_init_is_unchanged_then_trains_only_new_parameters(tmp_path,
     from surgery.experts.extend import set_extensions
 
     set_extensions(model, False)
-    assert torch.equal(model(input_ids=probe).logits, before_logits)
+    assert torch.equal(_logits(model, probe), before_logits)
     set_extensions(model, True)
-    assert not torch.equal(model(input_ids=probe).logits, before_logits)
+    assert not torch.equal(_logits(model, probe), before_logits)
     # dense routing switches pools off too: the dense model again
     set_dense_routing(model)
     set_extensions(model, True)
     dense = load_model(tiny_moe)
     set_dense_routing(dense)
-    assert torch.equal(model(input_ids=probe).logits, dense(input_ids=probe).logits)
+    assert torch.equal(_logits(model, probe), _logits(dense, probe))
     # saved and loaded back exactly, pools included
     set_dense_routing(model, False)
     save_converted(model, tmp_path / "ext", tokenizer_from=tiny_moe)
     again = load_model(tmp_path / "ext")
     assert len(again.surgery_config.extensions) == 1 and again.surgery_config.modules[-1]["op"] == "extend"
-    assert torch.equal(again(input_ids=probe).logits, model(input_ids=probe).logits)
+    assert torch.equal(_logits(again, probe), _logits(model, probe))
 
 
 def test_extend_cli_and_errors(tmp_path, tiny_moe, tiny_llama, domain):
