@@ -78,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--ft-lr", default="1e-4,3e-5")
     ap.add_argument("--variants", default="zero,zero-l2r,copy-most-used-l2r",
                     help="extension variants: INIT or INIT-l2r (with the replay-memory router stage)")
+    ap.add_argument("--conc-weights", default="0,0.1", help="concentration stage: loss weights (0: control)")
+    ap.add_argument("--conc-tokens", type=int, default=8192)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     work, res_dir = Path(args.work), Path(args.results)
@@ -203,7 +205,49 @@ def main(argv=None):
                 res.add({"name": name, "kind": "finetune", "model": which, "lr": lr, "tokens": rec["tokens"],
                          "minutes": round((time.time() - t0) / 60, 2), "ppl": evaluate(m, tok, args.eval_tokens),
                          "history": rec["history"]})
+    if "concentration" in stages:
+        concentration_study(args, res, tok, work)
     plot(res.data, res_dir / "forgetting.png")
+
+
+def concentration_study(args, res: Results, tok, work: Path) -> None:
+    """Issue 12, item 4: does ModuleFormer's load-concentration loss make domains use distinct experts?
+
+    The base model is distilled from itself (so quality is anchored) on text that alternates WikiText-2
+    valid and stdlib-train in 512-token blocks, with the concentration loss at each weight (0 is the control:
+    the same training without it); then the domains' routing entropy and overlap are measured, and the model
+    is pruned to half its routed experts with stdlib statistics, as in the prune stage."""
+    from surgery.calibrate import EndToEndConfig, run_end_to_end
+    from surgery.data import interleave
+    from surgery.experts.prune import PruneConfig, choose_experts, prune_model
+    from surgery.experts.stats import domain_stats, overlap, summarize
+
+    wiki = tokenize_file(tok, resolve_data("wikitext-valid"), args.conc_tokens)
+    code = tokenize_file(tok, resolve_data("stdlib-train"), args.conc_tokens)
+    mixed = interleave(wiki, code, 512)
+    wiki_s = tokenize_file(tok, resolve_data("wikitext-valid"), args.stats_tokens // 2)
+    code_s = tokenize_file(tok, resolve_data("stdlib-train"), args.stats_tokens // 2)
+    for c in [float(x) for x in args.conc_weights.split(",")]:
+        name = f"concentration-{c:g}"
+        if res.has(name):
+            continue
+        m, teacher = load_model(args.base), load_model(args.base)
+        set_impl(m, "masked")
+        set_impl(teacher, "masked")
+        t0 = time.time()
+        cal = run_end_to_end(m, teacher, mixed, EndToEndConfig(tokens=args.conc_tokens, ctx=256, batch_size=2,
+                                                               lr=1e-4, train="moe", concentration=c))
+        del teacher
+        sw, sc = domain_stats(m, wiki_s, 512), domain_stats(m, code_s, 512)
+        row = {"name": name, "kind": "concentration", "weight": c, "tokens": cal["tokens"],
+               "minutes": round((time.time() - t0) / 60, 2), "ppl": evaluate(m, tok, args.eval_tokens),
+               "wikitext_entropy": summarize(sw), "stdlib_entropy": summarize(sc),
+               "overlap": {k: v for k, v in overlap(sw, sc).items() if k.startswith("mean")}}
+        keep = round(args.keep_fraction * m.surgery_config.num_experts)
+        kept, _ = choose_experts(m, code_s, PruneConfig(keep=keep, criterion="weighted-norm"))
+        prune_model(m, kept)
+        row["pruned_ppl"] = evaluate(m, tok, args.eval_tokens)
+        res.add(row)
 
 
 def plot(data: dict, path: Path) -> None:
