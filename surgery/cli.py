@@ -233,10 +233,12 @@ def bench_kernels_cmd(json_path, tokens, quick, shape_set):
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Decode steps timed per batch.")
 @click.option("--runtime", type=click.Choice(["auto", "eager", "graphs"]), default="auto", show_default=True,
               help="auto: CUDA graphs (torch.compile reduce-overhead) on CUDA, eager on CPU.")
+@click.option("--stock", is_flag=True, help="With --synthetic: also stock transformers' MixtralForCausalLM of the "
+              "converted model's shape (random weights), on the same runtime.")
 @click.option("--json", "json_path", type=click.Path(), required=True, help="Where to write the results JSON.")
 @_friendly
 def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, device, dtype, prefill,
-                    decode_batch, new_tokens, runtime, json_path):
+                    decode_batch, new_tokens, runtime, stock, json_path):
     """End-to-end tokens/s, dense against converted on the same runtime: prefill (batch x sequence) and
     decode with a static KV cache. Give a converted MODEL (its dense source is found from its config), or
     --synthetic llama2-7b for a random-weight 7B-shaped model converted in memory (GPU)."""
@@ -244,7 +246,8 @@ def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, d
 
     from surgery.convert import ConvertConfig, convert_model
     from surgery.modeling import load_model
-    from surgery_evals.throughput import ThroughputConfig, compare, llama2_7b_config, random_dense_model
+    from surgery_evals.throughput import (ThroughputConfig, compare, llama2_7b_config, random_dense_model,
+                                          stock_mixtral_like)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -257,8 +260,14 @@ def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, d
         dense = random_dense_model(llama2_7b_config(layers), device, parse_dtype(dtype))
         converted = convert_model(random_dense_model(llama2_7b_config(layers), device, parse_dtype(dtype)),
                                   ConvertConfig(experts=experts, top_k=top_k))
-        result = compare(dense, converted, cfg, label=f"synthetic {synthetic}, E{experts} K{top_k}")
+        others = {}
+        if stock:
+            others["stock-mixtral"] = random_dense_model(stock_mixtral_like(llama2_7b_config(layers), experts, top_k),
+                                                         device, parse_dtype(dtype))
+        result = compare(dense, converted, cfg, label=f"synthetic {synthetic}, E{experts} K{top_k}", others=others)
     else:
+        if stock:
+            raise SurgeryError("--stock goes with --synthetic (for a converted MODEL, export it and bench the export)")
         if model_path is None:
             raise SurgeryError("give a converted MODEL or --synthetic llama2-7b")
         converted = load_model(model_path, dtype=dtype, device=device)
@@ -289,7 +298,8 @@ def export_cmd(model_path, out, fmt, dtype, max_shard_size, perplexity_json, ove
     """Write the converted MODEL to OUT in a format other tools load, with identical logits.
 
     \b
-    --format mixtral    MixtralForCausalLM: no shared experts, softmax routing renormalised to sum 1
+    --format mixtral    MixtralForCausalLM: softmax routing renormalised to sum 1; shared experts are
+                        appended to every routed expert (exact, but computed top-k times)
     --format qwen2_moe  Qwen2MoeForCausalLM: shared experts allowed, renormalisation optional
     --format native     surgery's own format again (e.g. in another --dtype)
     --format gguf       OUT.gguf for llama.cpp, dense models too: Mixtral layout (arch llama), shared
@@ -299,9 +309,9 @@ def export_cmd(model_path, out, fmt, dtype, max_shard_size, perplexity_json, ove
     The stock formats load with plain transformers, no trust_remote_code:
       AutoModelForCausalLM.from_pretrained(OUT)
     The routing scale is folded into the experts' down projections (and Qwen2-MoE's sigmoid shared-expert
-    gate, fixed at 0.5, into the shared expert). What a format cannot express exactly (shared experts in
-    Mixtral, sigmoid scoring, unequal expert widths, attention biases, ...) is an error naming the format
-    that fits. OUT holds safetensors shards, config.json, generation_config.json, the tokenizer, a README.md
+    gate, fixed at 0.5, into the shared expert). Unequal expert widths are zero-padded (exact). What a format
+    cannot express exactly (sigmoid scoring, attention biases, ...) is an error naming the format that
+    fits. OUT holds safetensors shards, config.json, generation_config.json, the tokenizer, a README.md
     model card and SHA256SUMS; it appears only when complete. Exporting an export back gives the same bytes,
     and every surgery command (info, eval, export) reads an exported folder.
     """

@@ -131,21 +131,40 @@ def test_cross_format_round_trip(tmp_path):
     assert (logits(back, ids) - logits(ours, ids)).abs().max().item() <= TOL
 
 
-def test_shared_experts_refuse_mixtral(tmp_path):
-    moe = converted(tmp_path, shared=1)
-    with pytest.raises(SurgeryError, match="shared") as err:
-        export_model(moe, tmp_path / "out", "mixtral", progress=False)
-    assert "qwen2_moe" in str(err.value)
-    assert not (tmp_path / "out").exists()
+def test_mixtral_appends_shared_experts_to_every_expert(tmp_path):
+    """Mixtral has no shared expert: the shared MLP rides along in every routed expert, exactly."""
+    moe = converted(tmp_path, shared=1, scale=1.7)
+    summary = export_model(moe, tmp_path / "out", "mixtral", progress=False)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    ours = surgery.load(moe)
+    width = ours.surgery_config.expert_width + ours.surgery_config.shared_width
+    assert cfg["intermediate_size"] == -(-width // 8) * 8  # zero-padded to a multiple of 8 neurons
+    assert "appended to every" in summary["note"] and "appended to every" in (tmp_path / "out" / "README.md").read_text()
+    assert_same_model(ours, stock_load(tmp_path / "out"))
+    back = surgery.load(tmp_path / "out")  # loads back as routed experts only, the same function
+    assert back.surgery_config.shared_width == 0
+    ids = torch.randint(0, 128, (2, 9))
+    assert (logits(back, ids) - logits(ours, ids)).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe"])
-def test_unequal_experts_refused(tmp_path, fmt):
-    moe = converted(tmp_path, experts=7)  # 96 neurons into 7 experts: widths 14 and 13, padded
-    with pytest.raises(SurgeryError, match="unequal widths") as err:
-        export_model(moe, tmp_path / "out", fmt, progress=False)
-    assert "native" in str(err.value)
-    export_model(moe, tmp_path / "nat", "native", progress=False)  # the native format takes anything
+@pytest.mark.parametrize("ffn,experts,shared", [(96, 7, 0), (1536, 8, 1), (100, 5, 3)])
+def test_unequal_expert_widths_export_exactly(tmp_path, fmt, ffn, experts, shared):
+    """Widths that do not divide the FFN (96 into 7: 14 and 13; 1536 into 8 routed + 1 shared: 171 and 170;
+    100 into 5 routed + 3 shared: 13 and 12):
+    zero-padded experts are exact in both stock formats; several shared experts are one shared MLP."""
+    src = make_llama(tmp_path / "dense", ffn=ffn)
+    convert(src, tmp_path / "moe", ConvertConfig(experts=experts, top_k=2, shared_experts=shared, seed=3),
+            progress=False)
+    ours = surgery.load(tmp_path / "moe")
+    moe = ours.surgery_config
+    assert len(set(moe.expert_sizes)) > 1 or moe.shared_width % moe.expert_width
+    assert moe.shared_width == (0 if not shared else ffn - sum(moe.expert_sizes))
+    export_model(tmp_path / "moe", tmp_path / "out", fmt, progress=False)
+    assert_same_model(ours, stock_load(tmp_path / "out"))
+    back = surgery.load(tmp_path / "out")
+    ids = torch.randint(0, 128, (2, 13))
+    assert (logits(back, ids) - logits(ours, ids)).abs().max().item() <= TOL
 
 
 def test_routing_the_targets_cannot_express(tmp_path):
@@ -164,7 +183,7 @@ def test_routing_the_targets_cannot_express(tmp_path):
     with pytest.raises(SurgeryError, match="dense model"):
         export_model(tmp_path / "dense-nr", tmp_path / "o4", "native", progress=False)
     with pytest.raises(SurgeryError, match="--format"):
-        export_model(no_renorm, tmp_path / "o5", "gguf", progress=False)
+        export_model(no_renorm, tmp_path / "o5", "onnx", progress=False)
 
 
 @pytest.mark.parametrize("fmt", ["qwen2_moe", "native"])
@@ -208,8 +227,9 @@ def test_cli_end_to_end(tmp_path, text_file):
     r = run(main, ["export", "--help"])
     assert r.exit_code == 0 and "qwen2_moe" in r.output and "trust_remote_code" in r.output
 
-    r = run(main, ["export", str(tmp_path / "moe"), str(tmp_path / "mx"), "--format", "mixtral"])
-    assert r.exit_code == 2 and "error:" in r.output and "qwen2_moe" in r.output
+    r = run(main, ["export", str(tmp_path / "moe"), str(tmp_path / "mx"), "--format", "qwen2_moe", "--dtype", "q8_0"])
+    assert r.exit_code == 2 and "error:" in r.output and "--dtype q8_0" in r.output
+    assert not (tmp_path / "mx").exists()
 
     r = run(main, ["eval", "perplexity", str(tmp_path / "moe"), "--data", str(text_file), "--max-tokens", "300",
                    "--ctx", "100", "--device", "cpu", "--json", str(tmp_path / "ppl.json")])

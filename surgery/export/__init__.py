@@ -6,9 +6,11 @@ Every export folder holds sharded safetensors (+ the standard index), config.jso
 the tokenizer files, a README.md model card and SHA256SUMS over every other file. Nothing in it depends on the
 time or the machine: export -> load -> export gives byte-identical files.
 
-Exact equivalence: the target computes the same function as our top-k routing. What a target cannot express
-(shared experts in Mixtral, sigmoid scoring, unequal expert widths, attention biases, RoPE it reads back
-differently, ...) is refused with a SurgeryError naming the format that fits, never silently changed.
+Exact equivalence: the target computes the same function as our top-k routing. Unequal expert widths are
+written zero-padded (exact); Mixtral, which has no shared expert, gets the shared MLP appended to every routed
+expert (exact with renormalised weights; see mixtral.py). What a target cannot express (sigmoid scoring,
+attention biases, RoPE it reads back differently, ...) is refused with a SurgeryError naming the format that
+fits, never silently changed. `--format gguf` (gguf.py) writes one file for llama.cpp instead of a folder.
 
 The stock config.json carries a `surgery_export` block (the source's Llama config, the MoEConfig with the
 routing scale as the weights now need it, the scale folded into the weights, a measured perplexity) which
@@ -89,6 +91,9 @@ def export(model, out, fmt: str, dtype=None, max_shard_size="5GB", overwrite: bo
     if len(makers) != len(plan):
         raise RuntimeError(f"export {fmt}: duplicate tensor names in the plan")
     card = model_card(fmt, module.architecture(base), base, moe_out, dtype, perplexity, folded)
+    note = module.card_note(moe) if hasattr(module, "card_note") else None
+    if note:
+        card += f"\n## Layout\n\n{note}\n"
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, [TensorSpec(p.name, p.shape, p.dtype) for p in plan], max_bytes)
         with torch.no_grad():
@@ -112,6 +117,7 @@ def export(model, out, fmt: str, dtype=None, max_shard_size="5GB", overwrite: bo
         "top_k": moe.top_k,
         "shared_width": moe.shared_width,
         "folded_routing_scale": folded,
+        **({"note": note} if note else {}),
         "tensors": len(writer.order),
         "output_bytes": writer.total_bytes,
         "shards": len(writer.names),
@@ -177,8 +183,9 @@ def load_exported(folder, dtype=None, device="cpu"):
     if block.get("format") == model_type and isinstance(block.get("moe"), dict) and isinstance(block.get("base_config"), dict):
         recorded = MoEConfig.from_dict(block["moe"])
         # config.json's stock fields decide the computation; the block only restores metadata that agrees.
-        if (recorded.num_experts, recorded.expert_width, recorded.shared_width, dataclasses.astuple(recorded.routing)) == \
-                (moe.num_experts, moe.expert_width, moe.shared_width, dataclasses.astuple(moe.routing)):
+        if (recorded.num_experts, recorded.shared_width, dataclasses.astuple(recorded.routing)) == \
+                (moe.num_experts, moe.shared_width, dataclasses.astuple(moe.routing)) and \
+                _trim_padding(state, recorded.expert_width, moe.expert_width):
             moe = recorded
             base = block["base_config"]
     model = build_from_state(base, state, moe)
@@ -186,6 +193,22 @@ def load_exported(folder, dtype=None, device="cpu"):
     model.surgery_export_info = info
     _load_generation_config(model, folder)
     return _place(model, dtype, device)
+
+
+def _trim_padding(state: dict, width: int, written: int) -> bool:
+    """Drop the zero neurons an export appended to the experts (written width `written` -> `width`); False,
+    and nothing changed, when the widths cannot match or any dropped neuron is not zero."""
+    if width == written:
+        return True
+    if width > written:
+        return False
+    names = [k for k in state if k.endswith((".mlp.experts.gate_proj", ".mlp.experts.up_proj", ".mlp.experts.down_proj"))]
+    axis = {k: (2 if k.endswith("down_proj") else 1) for k in names}
+    if any(state[k].narrow(axis[k], width, written - width).count_nonzero() for k in names):
+        return False
+    for k in names:
+        state[k] = state[k].narrow(axis[k], 0, width).contiguous()
+    return True
 
 
 def _stock_config(cfg: dict, folder: Path) -> dict:

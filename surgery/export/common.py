@@ -119,14 +119,6 @@ def check_common(base: dict, fmt: str) -> None:
         raise SurgeryError(f"--format {fmt}: pretraining_tp={base['pretraining_tp']} cannot be exported")
 
 
-def check_equal_experts(moe: MoEConfig, fmt: str) -> None:
-    if len(set(moe.expert_sizes)) != 1:
-        raise SurgeryError(
-            f"--format {fmt}: experts have unequal widths {sorted(set(moe.expert_sizes))} (zero-padded to "
-            f"{moe.expert_width}); {fmt} needs every expert the same width. Convert with a number of experts "
-            f"(plus shared experts) that divides the FFN width, or export with --format native")
-
-
 def verify_target_config(target: dict, base: dict, checks: dict[str, object], fmt: str) -> None:
     """Build the target's config class from our dict and make sure transformers reads back every field that
     changes the computation as we meant it (defaults and legacy-key handling differ between classes)."""
@@ -262,6 +254,24 @@ def non_moe_tensors(model, dtype: torch.dtype) -> list[Planned]:
             continue
         plan.append(Planned(name, tuple(t.shape), dtype, lambda t=t: t.to(dtype)))
     return plan
+
+
+# Stock transformers runs stacked experts through torch._grouped_mm, which wants every row stride a multiple of
+# 16 bytes: expert widths are written zero-padded to a multiple of 8 neurons (zero rows/columns: exact).
+EXPERT_ALIGN = 8
+
+
+def aligned(width: int) -> int:
+    return -(-width // EXPERT_ALIGN) * EXPERT_ALIGN
+
+
+def pad_neurons(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad `t` along `dim` (its neuron axis) to `width`: zero neurons add exactly nothing."""
+    if t.shape[dim] == width:
+        return t
+    shape = list(t.shape)
+    shape[dim] = width - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def scaled(t: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:

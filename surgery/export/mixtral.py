@@ -9,7 +9,16 @@ memory when it loads them, 4.x uses them as they are):
     everything else                       -> same name
 
 Mixtral's router is fixed: softmax over all experts, top-k, renormalised to sum 1. Our `scale` multiplies
-every routing weight, so it is folded into w2. No shared experts, no unequal widths, no sigmoid scoring.
+every routing weight, so it is folded into w2. No sigmoid scoring.
+
+Unequal expert widths: our stacked experts are already zero-padded to the widest (zero w1/w3 rows, zero w2
+columns add exactly nothing); the written width is rounded up to a multiple of 8 with more zero neurons
+(common.EXPERT_ALIGN, for stock transformers' grouped matmul; load_exported trims them again).
+
+Shared experts (Mixtral has no slot for them): the shared MLP (several shared experts are one MLP of their summed
+width) is appended to every routed expert, w1/w3 rows [F, F+S) and w2 columns [F, F+S), unscaled. Exact because
+the renormalised top-k weights sum to 1: sum_j w_j (scale d_j h_j + d_s h_s) = scale sum_j w_j d_j h_j + d_s h_s.
+The price is compute: each token runs the shared MLP top_k times; --format qwen2_moe keeps it separate.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import torch
 
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
-from surgery.export.common import (Planned, check_common, check_equal_experts, decoder_checks, decoder_fields,
+from surgery.export.common import (Planned, aligned, check_common, decoder_checks, decoder_fields, pad_neurons,
                                    llama_config_from, non_moe_tensors,
                                    rope_scaling_field, scaled, stack, take)
 from surgery.router import RoutingConfig
@@ -34,12 +43,6 @@ def architecture(base: dict) -> str:
 
 def check(model, moe: MoEConfig, base: dict) -> None:
     check_common(base, FORMAT)
-    if moe.shared_width:
-        raise SurgeryError(
-            f"--format mixtral: this model has {moe.shared_experts or 1} shared (always-on) expert(s) of width "
-            f"{moe.shared_width}, and Mixtral has no shared expert; export it with --format qwen2_moe "
-            "(Qwen2-MoE has a shared expert) or --format native")
-    check_equal_experts(moe, FORMAT)
     r = moe.routing
     if r.score_func != "softmax":
         raise SurgeryError(
@@ -52,6 +55,19 @@ def check(model, moe: MoEConfig, base: dict) -> None:
             "(norm_topk_prob=false) or --format native")
 
 
+def card_note(moe: MoEConfig) -> str | None:
+    if not moe.shared_width:
+        return None
+    return (f"Mixtral has no shared expert: this model's shared MLP (width {moe.shared_width}) is appended to every "
+            f"routed expert (experts of width {moe.expert_width} + {moe.shared_width}). Exact, since the top-k "
+            f"routing weights sum to 1, but each token computes the shared MLP {moe.top_k} times; the qwen2_moe "
+            "export keeps it separate and is faster.")
+
+
+def _width(moe: MoEConfig) -> int:
+    return aligned(moe.expert_width + moe.shared_width)
+
+
 def fold_scale(moe: MoEConfig) -> float:
     return moe.routing.scale
 
@@ -59,7 +75,7 @@ def fold_scale(moe: MoEConfig) -> float:
 def config(model, moe: MoEConfig, base: dict, dtype: torch.dtype) -> dict:
     return {
         **decoder_fields(base, ARCHITECTURE, MODEL_TYPE),
-        "intermediate_size": moe.expert_width,  # Mixtral's experts are `intermediate_size` wide
+        "intermediate_size": _width(moe),  # Mixtral's experts are `intermediate_size` wide (shared MLP appended)
         "sliding_window": base.get("sliding_window"),
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
@@ -73,23 +89,31 @@ def config(model, moe: MoEConfig, base: dict, dtype: torch.dtype) -> dict:
 def config_checks(base: dict, moe: MoEConfig) -> dict:
     """Fields of the loaded MixtralConfig that must come out exactly so (verified before writing)."""
     return {**decoder_checks(base), "sliding_window": base.get("sliding_window"), "num_local_experts": moe.num_experts,
-            "num_experts_per_tok": moe.top_k, "intermediate_size": moe.expert_width, "hidden_act": "silu"}
+            "num_experts_per_tok": moe.top_k, "intermediate_size": _width(moe), "hidden_act": "silu"}
 
 
 def tensors(model, moe: MoEConfig, dtype: torch.dtype) -> list[Planned]:
     plan = non_moe_tensors(model, dtype)
-    E, F, D = moe.num_experts, moe.expert_width, model.config.hidden_size
+    E, F, D = moe.num_experts, _width(moe), model.config.hidden_size
     scale = fold_scale(moe)
+
+    def expert(b, j, proj):  # in float32, one cast at the end: a folded factor rounds once
+        t = getattr(b.experts, proj)[j].detach().float()
+        if proj == "down_proj":
+            t = scaled(t, scale, torch.float32)
+        if b.shared_expert is not None:
+            t = torch.cat([t, getattr(b.shared_expert, proj).weight.detach().float()], dim=1 if proj == "down_proj" else 0)
+        return pad_neurons(t, F, 1 if proj == "down_proj" else 0).to(dtype)
+
     for i, layer in enumerate(model.model.layers):
         b, p = layer.mlp, f"model.layers.{i}.block_sparse_moe"
         plan.append(Planned(f"{p}.gate.weight", (E, D), dtype, lambda b=b: b.router.weight.detach().to(dtype)))
         for j in range(E):
             e = f"{p}.experts.{j}"
             plan += [
-                Planned(f"{e}.w1.weight", (F, D), dtype, lambda b=b, j=j: b.experts.gate_proj[j].detach().to(dtype)),
-                Planned(f"{e}.w3.weight", (F, D), dtype, lambda b=b, j=j: b.experts.up_proj[j].detach().to(dtype)),
-                Planned(f"{e}.w2.weight", (D, F), dtype,
-                        lambda b=b, j=j: scaled(b.experts.down_proj[j].detach(), scale, dtype)),
+                Planned(f"{e}.w1.weight", (F, D), dtype, lambda b=b, j=j: expert(b, j, "gate_proj")),
+                Planned(f"{e}.w3.weight", (F, D), dtype, lambda b=b, j=j: expert(b, j, "up_proj")),
+                Planned(f"{e}.w2.weight", (D, F), dtype, lambda b=b, j=j: expert(b, j, "down_proj")),
             ]
     return plan
 

@@ -15,6 +15,10 @@ Qwen2-MoE multiplies its shared expert by sigmoid(shared_expert_gate(x)); zero g
 for every token, and the 2 is folded into the shared down projection (exact: a power of two). Its router is
 a softmax over all experts, top-k, renormalised iff norm_topk_prob; our `scale` is folded into the experts'
 down projections. Without shared experts the shared expert is written with width 0 (zero-sized tensors).
+Several shared experts are our one shared MLP of their summed width. Unequal expert widths: our stacked experts
+are zero-padded to the widest (zero gate/up rows and down columns add exactly nothing) and written as they are,
+moe_intermediate_size being that width rounded up to a multiple of 8 (common.EXPERT_ALIGN, for stock
+transformers' grouped matmul; load_exported trims the zero neurons again).
 Qwen2-MoE's attention always has q/k/v biases in transformers 4.x: zeros add nothing.
 """
 
@@ -24,7 +28,7 @@ import torch
 
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
-from surgery.export.common import (Planned, check_common, check_equal_experts, decoder_checks, decoder_fields,
+from surgery.export.common import (Planned, aligned, check_common, decoder_checks, decoder_fields, pad_neurons,
                                    head_dim, llama_config_from,
                                    non_moe_tensors, rope_scaling_field,
                                    scaled, stack, take)
@@ -42,7 +46,6 @@ def architecture(base: dict) -> str:
 
 def check(model, moe: MoEConfig, base: dict) -> None:
     check_common(base, FORMAT)
-    check_equal_experts(moe, FORMAT)
     if moe.routing.score_func != "softmax":
         raise SurgeryError(
             f"--format qwen2_moe: this model's router scores experts with {moe.routing.score_func}, Qwen2-MoE "
@@ -72,7 +75,7 @@ def config(model, moe: MoEConfig, base: dict, dtype: torch.dtype) -> dict:
         "mlp_only_layers": [],
         "num_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
-        "moe_intermediate_size": moe.expert_width,
+        "moe_intermediate_size": aligned(moe.expert_width),
         "shared_expert_intermediate_size": moe.shared_width,
         "norm_topk_prob": bool(moe.routing.renormalize),
         "output_router_logits": False,
@@ -85,7 +88,7 @@ def config_checks(base: dict, moe: MoEConfig) -> dict:
     window = base.get("sliding_window")
     return {**decoder_checks(base), "layer_types": _layer_types(base), "sliding_window": window or 0,
             "qkv_bias": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts": moe.num_experts,
-            "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.expert_width,
+            "num_experts_per_tok": moe.top_k, "moe_intermediate_size": aligned(moe.expert_width),
             "shared_expert_intermediate_size": moe.shared_width, "norm_topk_prob": bool(moe.routing.renormalize),
             "hidden_act": "silu"}
 
@@ -93,7 +96,7 @@ def config_checks(base: dict, moe: MoEConfig) -> dict:
 def tensors(model, moe: MoEConfig, dtype: torch.dtype) -> list[Planned]:
     plan = non_moe_tensors(model, dtype)
     cfg = model.config
-    E, F, S, D = moe.num_experts, moe.expert_width, moe.shared_width, cfg.hidden_size
+    E, F, S, D = moe.num_experts, aligned(moe.expert_width), moe.shared_width, cfg.hidden_size
     hd = getattr(cfg, "head_dim", None) or D // cfg.num_attention_heads
     kv = cfg.num_key_value_heads or cfg.num_attention_heads
     scale = fold_scale(moe)
@@ -108,10 +111,12 @@ def tensors(model, moe: MoEConfig, dtype: torch.dtype) -> list[Planned]:
         for j in range(E):
             e = f"{p}.experts.{j}"
             plan += [
-                Planned(f"{e}.gate_proj.weight", (F, D), dtype, lambda b=b, j=j: b.experts.gate_proj[j].detach().to(dtype)),
-                Planned(f"{e}.up_proj.weight", (F, D), dtype, lambda b=b, j=j: b.experts.up_proj[j].detach().to(dtype)),
+                Planned(f"{e}.gate_proj.weight", (F, D), dtype,
+                        lambda b=b, j=j: pad_neurons(b.experts.gate_proj[j].detach().to(dtype), F, 0)),
+                Planned(f"{e}.up_proj.weight", (F, D), dtype,
+                        lambda b=b, j=j: pad_neurons(b.experts.up_proj[j].detach().to(dtype), F, 0)),
                 Planned(f"{e}.down_proj.weight", (D, F), dtype,
-                        lambda b=b, j=j: scaled(b.experts.down_proj[j].detach(), scale, dtype)),
+                        lambda b=b, j=j: pad_neurons(scaled(b.experts.down_proj[j].detach(), scale, dtype), F, 1)),
             ]
         s = f"{p}.shared_expert"
         if S:
