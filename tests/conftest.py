@@ -17,11 +17,18 @@ def tiny_llama(tmp_path):
     return make_llama(tmp_path / "dense")
 
 
+def _skips_without_cuda(item) -> bool:
+    return any("CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+
+
 def pytest_collection_modifyitems(config, items):
-    # The demo model is built once (download + dequantize, ~30 s) and cached for later runs.
     for item in items:
+        # The demo model is built once (download + dequantize, ~30 s) and cached for later runs.
         if "demo_model" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.demo)
+        # Every test that skips without CUDA is a GPU test: `pytest -m gpu` selects them (evals/gpu_check.sh).
+        if _skips_without_cuda(item):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(scope="session")
