@@ -106,19 +106,24 @@ def bench_model(model, name: str, cfg: ThroughputConfig) -> list[dict]:
     return rows
 
 
-def compare(dense, converted, cfg: ThroughputConfig, label: str) -> dict:
-    """Dense and converted on the same runtime; adds converted/dense speed-up per configuration."""
+def compare(dense, converted, cfg: ThroughputConfig, label: str, others: dict | None = None) -> dict:
+    """Dense and converted on the same runtime; adds converted/dense speed-up per configuration. `others`
+    ({name: model}) are measured the same way and get a speed-up against dense too (e.g. stock transformers'
+    Mixtral of the converted model's shape)."""
     rows = bench_model(dense, "dense", cfg) + bench_model(converted, "converted", cfg)
+    for name, model in (others or {}).items():
+        rows += bench_model(model, name, cfg)
     by_key = {(r["phase"], r["batch"], r["seq"]): r["tokens_per_second"] for r in rows if r["model"] == "dense"}
     for r in rows:
-        if r["model"] == "converted":
+        if r["model"] != "dense":
             r["speedup_vs_dense"] = round(r["tokens_per_second"] / by_key[(r["phase"], r["batch"], r["seq"])], 3)
     device = next(converted.parameters()).device
     moe = getattr(converted, "surgery_config", None)
     return {
         "label": label,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "path": "triton kernels" if device.type == "cuda" else "reference (PyTorch, CPU)",
+        "machine": machine(),
+        "path": "triton kernels" if device.type == "cuda" else "PyTorch CPU inference path (kernels/cpu_moe.py)",
         "dtype": str(next(converted.parameters()).dtype).removeprefix("torch."),
         "active_ffn_fraction": round(moe.active_ffn_fraction, 4) if moe else None,
         "config": asdict(cfg),
@@ -141,6 +146,42 @@ def versions() -> dict:
     except ImportError:
         out["triton"] = None
     return out
+
+
+def machine() -> dict:
+    """What the figures were measured on: processor (and GPU), cores, torch threads."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    flags = set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "simd": [f for f in ("avx2", "avx512f", "amx_tile") if f in flags]}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def stock_mixtral_like(converted_config, experts: int, top_k: int):
+    """transformers' own MixtralConfig with the shape of a model converted from `converted_config` (a Llama
+    config) into `experts` equal experts, `top_k` active: stock transformers' MoE, for comparison."""
+    from transformers import MixtralConfig
+
+    c = converted_config
+    return MixtralConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size // experts,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, vocab_size=c.vocab_size,
+                         max_position_embeddings=c.max_position_embeddings, num_local_experts=experts,
+                         num_experts_per_tok=top_k, tie_word_embeddings=c.tie_word_embeddings)
 
 
 def llama2_7b_config(layers: int | None = None):

@@ -3,11 +3,14 @@
 Shape legend: T tokens, D hidden, E experts, F expert width, K top-k, S shared width.
 
 Triton is imported lazily, so importing this module never needs it (CPU installs have no triton).
-impl: "auto"      Triton when the input is on CUDA and triton imports, else the reference
+impl: "auto"      Triton when the input is on CUDA and triton imports; on CPU the inference path
+                  (cpu_moe) when no gradient is wanted, else the reference
       "triton"    always Triton (on CPU this needs TRITON_INTERPRET=1, set before triton is imported)
       "reference" always the PyTorch reference
       "masked"    the reference's function computed densely with a routing mask (CPU calibration's path)
-Both paths are differentiable (the Triton path's backward recomputes through the reference).
+      "cpu"       kernels/cpu_moe.py: forward only, no autograd (speed on CPU; any device works)
+The Triton, reference and masked paths are differentiable (the Triton path's backward recomputes through the
+reference).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from . import reference
 
-IMPLS = ("auto", "triton", "reference", "masked")
+IMPLS = ("auto", "triton", "reference", "masked", "cpu")
 
 
 @functools.cache
@@ -40,6 +43,15 @@ def _use_triton(t: torch.Tensor, impl: str) -> bool:
     return impl == "triton"
 
 
+def _wants_grad(x_TD, gate_EFD, up_EFD, down_EDF, shared, weights_TK=None) -> bool:
+    """True when autograd would record this call (so it must take a differentiable path). The routing
+    weights count: training only router rows (surgery extend's L2R stage) needs their gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in (x_TD, gate_EFD, up_EFD, down_EDF, *(shared or ()))
+               if t is not None) or (weights_TK is not None and weights_TK.requires_grad)
+
+
 def route(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax", renormalize: bool = True,
           scale: float = 1.0, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(weights_TK float32, ids_TK int64): top-k of softmax/sigmoid scores, optionally renormalised, scaled."""
@@ -57,6 +69,11 @@ def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, do
         from . import triton_moe
 
         return triton_moe.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
+    if impl == "cpu" or (impl == "auto" and not x_TD.is_cuda and not _wants_grad(x_TD, gate_EFD, up_EFD,
+                                                                                down_EDF, shared, weights_TK)):
+        from . import cpu_moe
+
+        return cpu_moe.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
     if impl == "masked":
         return reference.moe_ffn_masked(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
     return reference.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)

@@ -216,6 +216,33 @@ def bench_kernels_cmd(json_path, tokens, quick, shape_set):
     click.echo(json.dumps({"json": json_path, "rows": len(result["rows"]), "device": result["device"]}))
 
 
+@bench.command("llamacpp")
+@click.argument("dense", type=click.Path())
+@click.argument("converted", nargs=-1, required=True, type=click.Path())
+@click.option("--dtype", "dtypes", multiple=True, default=("f32",), show_default=True,
+              help="GGUF type(s) both sides are written in: f32, f16, bf16, q8_0 (repeat the flag for several).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per model (median kept).")
+@click.option("--prompt", type=int, default=512, show_default=True, help="Prompt-processing tokens (one batch).")
+@click.option("--decode", type=int, default=128, show_default=True, help="Tokens decoded one at a time.")
+@click.option("--json", "json_path", type=click.Path(), required=True, help="Where to write the results JSON.")
+@_friendly
+def bench_llamacpp_cmd(dense, converted, dtypes, threads, repeats, prompt, decode, json_path):
+    """Dense against converted on llama.cpp (llama-cpp-python), CPU: prompt processing (--prompt tokens in one
+    batch) and decode (--decode tokens, batch 1) tokens/s, llama-bench style. DENSE and CONVERTED are model
+    folders, exported to GGUF here in each --dtype (the same writer for both sides), or .gguf files."""
+    from surgery_evals.llamacpp import bench
+
+    if threads < 1 or repeats < 1 or prompt < 1 or decode < 1:
+        raise SurgeryError("--threads, --repeats, --prompt and --decode must be at least 1")
+    result = bench(dense, list(converted), list(dtypes), json_path, threads=threads, repeats=repeats, prompt=prompt,
+                   decode=decode)
+    click.echo(json.dumps({"json": json_path, "rows": [
+        {k: r[k] for k in ("model", "dtype", "architecture")} | {"pp": round(r["pp"]["tokens_per_s"], 1),
+         "tg": round(r["tg"]["tokens_per_s"], 1), **({"speedup": r["speedup_vs_dense"]} if "speedup_vs_dense" in r else {})}
+        for r in result["results"]]}, indent=2))
+
+
 @bench.command("model")
 @click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path())
 @click.option("--dense", "dense_path", type=click.Path(), help="Dense model to compare with  [default: the "

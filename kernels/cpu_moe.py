@@ -1,0 +1,176 @@
+"""The MoE FFN for CPU inference: the reference's function, computed in the fastest of three ways for the
+number of tokens at hand. Forward only (no autograd): the model takes it on CPU under torch.no_grad() /
+inference mode; training, and anything that needs gradients, goes through the reference.
+
+Shape legend: T tokens, D hidden, E experts, F expert width, K top-k, S shared width, U experts in use.
+
+The weights are packed once per weight version (a copy, ~ the FFN's size again; repacked when a weight is
+changed in place, moved or replaced):
+    gate_up [E, 2F, D]   each expert's gate rows then its up rows: one matmul gives both
+    shared_gate_up [2S, D]
+    down_all [D, S + E*F]  the shared expert's down columns, then every routed expert's, in expert order
+
+Paths (`path=`), all equal to the reference up to float32 rounding:
+    "gather"   only the U experts some token selected: their gate/up rows and down columns gathered into one
+               small dense SwiGLU that runs on every token, each token's hidden units scaled by its routing
+               weight (0 for experts it did not select). Reads only the selected experts' weights: the path
+               for one or a few tokens, where reading weights is the cost.
+    "sorted"   tokens sorted by expert; one gate/up matmul per expert on its own tokens (only the selected
+               experts' FLOPs); the weighted hidden units scattered into a [T, S + E*F] matrix (zeros
+               elsewhere) that goes through ONE down projection, the shared expert's included. The down
+               projection is dense, but it replaces K scattered per-expert outputs of width D per token,
+               whose accumulation costs more than the FLOPs it saves at these expert widths.
+    "auto"     "gather" while T * K is small against E (few experts in use), else "sorted".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as Fn
+
+PATHS = ("auto", "gather", "masked", "sorted")
+# "auto" takes "gather" while T * K <= GATHER_MAX_PAIRS_PER_EXPERT * E, i.e. while a typical expert is
+# selected at most about that many times, and "sorted" above. Measured on the demo model's shapes
+# (D 576, F 24, E 48/56, K 16/8) on a 2-core AVX2 CPU with `python -m surgery_evals.cpu_paths`.
+GATHER_MAX_PAIRS_PER_EXPERT = float(os.environ.get("SURGERY_GATHER_MAX_PAIRS_PER_EXPERT", "3"))
+
+
+@dataclass
+class Packed:
+    key: tuple
+    gate_up_all: torch.Tensor  # [2S + E*2F, D]: the shared gate rows, shared up rows, then gate_up below
+    down_all: torch.Tensor  # [D, S + E*F]
+    shared_width: int
+    num_experts: int
+    width: int
+
+    @property
+    def gate_up(self) -> torch.Tensor:  # [E, 2F, D]
+        S, E, F = self.shared_width, self.num_experts, self.width
+        return self.gate_up_all[2 * S:].view(E, 2 * F, -1)
+
+    @property
+    def shared_gate_up(self) -> torch.Tensor | None:  # [2S, D]
+        return self.gate_up_all[:2 * self.shared_width] if self.shared_width else None
+
+
+_ATTR = "_surgery_cpu_packed"  # the packed copy lives on the gate tensor, and goes when it goes
+
+
+def _key(tensors) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+
+
+@torch.no_grad()
+def pack(gate_EFD, up_EFD, down_EDF, shared=None) -> Packed:
+    """The packed weights for these tensors, built once and reused while none of them changes."""
+    sources = (gate_EFD, up_EFD, down_EDF) + tuple(shared or ())
+    key = _key(sources)
+    hit = getattr(gate_EFD, _ATTR, None)
+    if hit is not None and hit.key == key:
+        return hit
+    E, F, D = gate_EFD.shape
+    routed = torch.cat([gate_EFD, up_EFD], dim=1).reshape(E * 2 * F, D)
+    down_r = down_EDF.permute(1, 0, 2).reshape(D, E * F)
+    if shared is not None:
+        s_gate, s_up, s_down = shared
+        gate_up_all = torch.cat([s_gate, s_up, routed]).contiguous()
+        down_all = torch.cat([s_down, down_r], dim=1).contiguous()
+        S = s_gate.shape[0]
+    else:
+        gate_up_all, down_all, S = routed.contiguous(), down_r.contiguous(), 0
+    packed = Packed(key, gate_up_all, down_all, S, E, F)
+    setattr(gate_EFD, _ATTR, packed)
+    return packed
+
+
+def choose_path(T: int, E: int, K: int) -> str:
+    return "gather" if T * K <= GATHER_MAX_PAIRS_PER_EXPERT * E else "sorted"
+
+
+def _swiglu_halves(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h = [..., 2F] holding gate then up."""
+    g, u = h.chunk(2, dim=-1)
+    return Fn.silu(g).mul_(u)
+
+
+@torch.no_grad()
+def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+            weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None, path: str = "auto") -> torch.Tensor:
+    """y[t] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]) (+ shared SwiGLU(x[t])), in x's dtype."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    p = pack(gate_EFD, up_EFD, down_EDF, shared)
+    T, K = ids_TK.shape
+    if path == "auto":
+        path = choose_path(T, p.num_experts, K)
+    if path == "gather":
+        return _gather(x_TD, p, weights_TK, ids_TK)
+    if path == "masked":
+        return _masked(x_TD, p, weights_TK, ids_TK)
+    return _sorted(x_TD, p, weights_TK, ids_TK)
+
+
+def _masked(x_TD, p: Packed, weights_TK, ids_TK):
+    T, D = x_TD.shape
+    E, F, S = p.num_experts, p.width, p.shared_width
+    h = Fn.linear(x_TD, p.gate_up_all)  # the whole FFN's gate and up in one matmul, as a dense model would
+    act = x_TD.new_empty(T, S + E * F)
+    if S:
+        torch.mul(Fn.silu(h[:, :S]), h[:, S:2 * S], out=act[:, :S])
+    hr = h[:, 2 * S:].view(T, E, 2, F)
+    routed = act[:, S:].view(T, E, F)
+    torch.mul(Fn.silu(hr[:, :, 0]), hr[:, :, 1], out=routed)
+    scale = x_TD.new_zeros(T, E).scatter_(1, ids_TK, weights_TK.to(x_TD.dtype))
+    routed.mul_(scale[:, :, None])
+    return Fn.linear(act, p.down_all)
+
+
+def _gather(x_TD, p: Packed, weights_TK, ids_TK):
+    T, D = x_TD.shape
+    E, F, S = p.num_experts, p.width, p.shared_width
+    used = torch.zeros(E, dtype=torch.bool, device=x_TD.device)
+    used[ids_TK.reshape(-1)] = True
+    experts_U = used.nonzero().squeeze(1)
+    U = experts_U.numel()
+    slot_E = torch.empty(E, dtype=torch.long, device=x_TD.device)
+    slot_E[experts_U] = torch.arange(U, device=x_TD.device)
+    w_TU = torch.zeros(T, U, dtype=x_TD.dtype, device=x_TD.device)
+    w_TU.scatter_(1, slot_E[ids_TK], weights_TK.to(x_TD.dtype))
+    gate_up = p.gate_up.index_select(0, experts_U).view(U * 2 * F, D)
+    h = _swiglu_halves(Fn.linear(x_TD, gate_up).view(T, U, 2 * F))  # [T, U, F]
+    h.mul_(w_TU[:, :, None])
+    down_U = p.down_all[:, S:].view(D, E, F).index_select(1, experts_U).view(D, U * F)
+    y = Fn.linear(h.view(T, U * F), down_U)
+    if p.shared_gate_up is not None:
+        y.addmm_(_swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)), p.down_all[:, :S].t())
+    return y
+
+
+def _sorted(x_TD, p: Packed, weights_TK, ids_TK):
+    T, D = x_TD.shape
+    E, F, S = p.num_experts, p.width, p.shared_width
+    K = ids_TK.shape[1]
+    flat = ids_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    token_of = order // K
+    counts = torch.bincount(flat, minlength=E).tolist()  # one host sync per layer
+    x_sorted = x_TD.index_select(0, token_of)
+    h = torch.empty(T * K, 2 * F, dtype=x_TD.dtype, device=x_TD.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(x_sorted[start:start + n], p.gate_up[e].t(), out=h[start:start + n])
+            start += n
+    act = _swiglu_halves(h).mul_(weights_TK.reshape(-1)[order, None].to(x_TD.dtype))  # [T*K, F]
+    H = x_TD.new_zeros(T, S + E * F)
+    if p.shared_gate_up is not None:
+        H[:, :S] = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up))
+    # Each (token, expert) pair owns F consecutive slots of H's routed part; a token selects an expert once.
+    cols = (S + expert_of * F)[:, None] + torch.arange(F, device=x_TD.device)
+    H.view(-1).index_copy_(0, (token_of[:, None] * (S + E * F) + cols).view(-1), act.view(-1))
+    return Fn.linear(H, p.down_all)

@@ -1,0 +1,125 @@
+"""The CPU inference path (kernels/cpu_moe.py) against the PyTorch reference (kernels/reference.py).
+
+Shape legend: T tokens, D hidden, E experts, F expert width, K top-k, S shared width.
+Inputs are random with O(1) outputs; both sides compute in float32 and differ only in summation order, so
+the tolerance is atol = rtol = 1e-5 (observed differences are ~1e-6).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgery_kernels import cpu_moe, ops, reference
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def make(E, F, D, S, widths=None, seed=0):
+    """Stacked experts; `widths` (one per expert) zero-pads expert e beyond widths[e] neurons, as converted
+    models with unequal expert widths are stored."""
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(E, F, D, generator=g) * D ** -0.5
+    up = torch.randn(E, F, D, generator=g) * D ** -0.5
+    down = torch.randn(E, D, F, generator=g) * F ** -0.5
+    for e, w in enumerate(widths or ()):
+        gate[e, w:] = 0
+        up[e, w:] = 0
+        down[e, :, w:] = 0
+    shared = None
+    if S:
+        shared = (torch.randn(S, D, generator=g) * D ** -0.5, torch.randn(S, D, generator=g) * D ** -0.5,
+                  torch.randn(D, S, generator=g) * S ** -0.5)
+    return gate, up, down, shared
+
+
+def routing(T, E, K, seed=1, idle_expert=True):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    if idle_expert and K < E:
+        logits[:, 0] = -1e4  # an expert no token selects
+    return reference.route(logits, K)
+
+
+CASES = [
+    # T, E, F, D, S, K, widths
+    (1, 48, 24, 96, 64, 16, None),          # the demo 50% model's routing shape, one token (decode)
+    (8, 48, 24, 96, 64, 16, None),
+    (64, 56, 24, 96, 32, 8, None),          # the 25% model's shape
+    (300, 8, 20, 64, 0, 2, [20, 19, 20, 13, 20, 20, 7, 20]),  # unequal widths, zero-padded; no shared expert
+    (37, 9, 16, 48, 40, 3, [16, 16, 15, 15, 16, 16, 15, 16, 15]),
+    (5, 4, 8, 32, 0, 4, None),              # K == E: every expert on
+]
+
+
+@pytest.mark.parametrize("T,E,F,D,S,K,widths", CASES)
+@pytest.mark.parametrize("path", cpu_moe.PATHS)
+def test_paths_equal_the_reference(T, E, F, D, S, K, widths, path):
+    gate, up, down, shared = make(E, F, D, S, widths)
+    w, ids = routing(T, E, K)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(2))
+    ref = reference.moe_ffn(x, gate, up, down, w, ids, shared)
+    out = cpu_moe.moe_ffn(x, gate, up, down, w, ids, shared, path=path)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_auto_gathers_for_few_tokens_and_sorts_for_many():
+    assert cpu_moe.choose_path(1, 48, 16) == "gather"
+    assert cpu_moe.choose_path(4096, 48, 16) == "sorted"
+    # Monotone in T: once sorted, always sorted.
+    paths = [cpu_moe.choose_path(T, 48, 16) for T in range(1, 200)]
+    assert paths == sorted(paths)
+
+
+def test_packing_is_reused_and_follows_in_place_changes():
+    gate, up, down, shared = make(6, 8, 32, 16)
+    w, ids = routing(10, 6, 2)
+    x = torch.randn(10, 32)
+    first = cpu_moe.pack(gate, up, down, shared)
+    assert cpu_moe.pack(gate, up, down, shared) is first
+    with torch.no_grad():
+        down.mul_(2)
+        shared[2].mul_(2)  # the output doubles: every term ends in a down projection
+    assert cpu_moe.pack(gate, up, down, shared) is not first
+    ref = reference.moe_ffn(x, gate, up, down, w, ids, shared)
+    torch.testing.assert_close(cpu_moe.moe_ffn(x, gate, up, down, w, ids, shared), ref, **TOL)
+
+
+def test_bad_path_is_refused():
+    gate, up, down, _ = make(4, 8, 16, 0)
+    w, ids = routing(3, 4, 2)
+    with pytest.raises(ValueError, match="path must be one of"):
+        cpu_moe.moe_ffn(torch.randn(3, 16), gate, up, down, w, ids, path="fast")
+
+
+def test_ops_auto_takes_the_cpu_path_only_without_gradients(monkeypatch):
+    gate, up, down, shared = make(8, 8, 32, 16)
+    w, ids = routing(12, 8, 2)
+    x = torch.randn(12, 32)
+    calls = []
+    real = cpu_moe.moe_ffn
+    monkeypatch.setattr(cpu_moe, "moe_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        ops.moe_ffn(x, gate, up, down, w, ids, shared)
+    assert calls == [1]
+    gate.requires_grad_(True)
+    y = ops.moe_ffn(x, gate, up, down, w, ids, shared)  # autograd on: the differentiable reference
+    assert calls == [1] and y.requires_grad
+    y.sum().backward()
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_converted_model_logits_match_the_reference_path(tiny_llama, tmp_path):
+    import surgery
+    from surgery.convert import ConvertConfig, convert
+    from surgery.moe import set_impl
+
+    convert(tiny_llama, tmp_path / "moe", ConvertConfig(experts=4, top_k=2, shared_experts=1), progress=False)
+    model = surgery.load(tmp_path / "moe")
+    ids = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model(input_ids=ids).logits
+        set_impl(model, "reference")
+        ref = model(input_ids=ids).logits
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
