@@ -8,7 +8,7 @@ The weights are packed once per weight version (a copy, ~ the FFN's size again; 
 changed in place, moved or replaced):
     gate_up [E, 2F, D]   each expert's gate rows then its up rows: one matmul gives both
     shared_gate_up [2S, D]
-    down_all [D, S + E*F]  the shared expert's down columns, then every routed expert's, in expert order
+    down_all [S + E*F, D]  the shared expert's down projection (transposed), then every routed expert's
 
 Paths (`path=`), all equal to the reference up to float32 rounding:
     "gather"   only the U experts some token selected: their gate/up rows and down columns gathered into one
@@ -42,7 +42,7 @@ GATHER_MAX_PAIRS_PER_EXPERT = float(os.environ.get("SURGERY_GATHER_MAX_PAIRS_PER
 class Packed:
     key: tuple
     gate_up_all: torch.Tensor  # [2S + E*2F, D]: the shared gate rows, shared up rows, then gate_up below
-    down_all: torch.Tensor  # [D, S + E*F]
+    down_all: torch.Tensor  # [S + E*F, D]: rows of the transposed down projections
     shared_width: int
     num_experts: int
     width: int
@@ -74,11 +74,11 @@ def pack(gate_EFD, up_EFD, down_EDF, shared=None) -> Packed:
         return hit
     E, F, D = gate_EFD.shape
     routed = torch.cat([gate_EFD, up_EFD], dim=1).reshape(E * 2 * F, D)
-    down_r = down_EDF.permute(1, 0, 2).reshape(D, E * F)
+    down_r = down_EDF.transpose(1, 2).reshape(E * F, D)
     if shared is not None:
         s_gate, s_up, s_down = shared
         gate_up_all = torch.cat([s_gate, s_up, routed]).contiguous()
-        down_all = torch.cat([s_down, down_r], dim=1).contiguous()
+        down_all = torch.cat([s_down.t(), down_r]).contiguous()
         S = s_gate.shape[0]
     else:
         gate_up_all, down_all, S = routed.contiguous(), down_r.contiguous(), 0
@@ -126,27 +126,30 @@ def _masked(x_TD, p: Packed, weights_TK, ids_TK):
     torch.mul(Fn.silu(hr[:, :, 0]), hr[:, :, 1], out=routed)
     scale = x_TD.new_zeros(T, E).scatter_(1, ids_TK, weights_TK.to(x_TD.dtype))
     routed.mul_(scale[:, :, None])
-    return Fn.linear(act, p.down_all)
+    return act @ p.down_all
 
 
 def _gather(x_TD, p: Packed, weights_TK, ids_TK):
     T, D = x_TD.shape
     E, F, S = p.num_experts, p.width, p.shared_width
-    used = torch.zeros(E, dtype=torch.bool, device=x_TD.device)
-    used[ids_TK.reshape(-1)] = True
-    experts_U = used.nonzero().squeeze(1)
+    if T == 1:  # one token (batch-1 decode): its K experts are distinct, in any order
+        experts_U, w_TU = ids_TK[0], weights_TK.to(x_TD.dtype)
+    else:
+        used = torch.zeros(E, dtype=torch.bool, device=x_TD.device)
+        used[ids_TK.reshape(-1)] = True
+        experts_U = used.nonzero().squeeze(1)
+        slot_E = torch.empty(E, dtype=torch.long, device=x_TD.device)
+        slot_E[experts_U] = torch.arange(experts_U.numel(), device=x_TD.device)
+        w_TU = torch.zeros(T, experts_U.numel(), dtype=x_TD.dtype, device=x_TD.device)
+        w_TU.scatter_(1, slot_E[ids_TK], weights_TK.to(x_TD.dtype))
     U = experts_U.numel()
-    slot_E = torch.empty(E, dtype=torch.long, device=x_TD.device)
-    slot_E[experts_U] = torch.arange(U, device=x_TD.device)
-    w_TU = torch.zeros(T, U, dtype=x_TD.dtype, device=x_TD.device)
-    w_TU.scatter_(1, slot_E[ids_TK], weights_TK.to(x_TD.dtype))
     gate_up = p.gate_up.index_select(0, experts_U).view(U * 2 * F, D)
     h = _swiglu_halves(Fn.linear(x_TD, gate_up).view(T, U, 2 * F))  # [T, U, F]
     h.mul_(w_TU[:, :, None])
-    down_U = p.down_all[:, S:].view(D, E, F).index_select(1, experts_U).view(D, U * F)
-    y = Fn.linear(h.view(T, U * F), down_U)
+    down_U = p.down_all[S:].view(E, F, D).index_select(0, experts_U).view(U * F, D)
+    y = h.view(T, U * F) @ down_U
     if p.shared_gate_up is not None:
-        y.addmm_(_swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)), p.down_all[:, :S].t())
+        y.addmm_(_swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)), p.down_all[:S])
     return y
 
 
@@ -173,4 +176,4 @@ def _sorted(x_TD, p: Packed, weights_TK, ids_TK):
     # Each (token, expert) pair owns F consecutive slots of H's routed part; a token selects an expert once.
     cols = (S + expert_of * F)[:, None] + torch.arange(F, device=x_TD.device)
     H.view(-1).index_copy_(0, (token_of[:, None] * (S + E * F) + cols).view(-1), act.view(-1))
-    return Fn.linear(H, p.down_all)
+    return H @ p.down_all
