@@ -158,6 +158,9 @@ def plan(model, dtype: str) -> tuple[dict, list[GTensor]]:
     _check(base)
     info = layout(model)
     moe = info["moe"]
+    if info["arch"] == "deepseek" and rope_parameters(base).get("rope_type") == "llama3":
+        raise SurgeryError("--format gguf: routing that is not renormalised is written as llama.cpp's DeepSeek-MoE, "
+                           "which does not read Llama-3.1 RoPE factors (rope_type llama3); use --format native")
     cfg = model.config
     n_head = cfg.num_attention_heads
     n_kv = cfg.num_key_value_heads or n_head
