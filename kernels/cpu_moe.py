@@ -6,9 +6,9 @@ Shape legend: T tokens, D hidden, E experts, F expert width, K top-k, S shared w
 
 The weights are packed once per weight version (a copy, ~ the FFN's size again; repacked when a weight is
 changed in place, moved or replaced):
-    gate_up [E, 2F, D]   each expert's gate rows then its up rows: one matmul gives both
-    shared_gate_up [2S, D]
-    down_all [S + E*F, D]  the shared expert's down projection (transposed), then every routed expert's
+    gate_up_all [2S + E*2F, D]  the shared gate rows, the shared up rows, then each expert's gate rows and
+                                up rows (one matmul gives both; the whole FFN is one matrix)
+    down_all [S + E*F, D]       the shared expert's down projection (transposed), then every routed expert's
 
 Paths (`path=`), all equal to the reference up to float32 rounding:
     "gather"   only the U experts some token selected: their gate/up rows and down columns gathered into one
@@ -20,7 +20,10 @@ Paths (`path=`), all equal to the reference up to float32 rounding:
                elsewhere) that goes through ONE down projection, the shared expert's included. The down
                projection is dense, but it replaces K scattered per-expert outputs of width D per token,
                whose accumulation costs more than the FLOPs it saves at these expert widths.
-    "auto"     "gather" while T * K is small against E (few experts in use), else "sorted".
+    "masked"   the whole FFN as one dense SwiGLU (one gate/up matmul, one down), each token's routed hidden
+               units scaled by its routing weights (0 where not selected): a dense model's cost and no more,
+               for batches that use nearly every expert but are too small for "sorted" to pay.
+    "auto"     by T, E and K (choose_path): "gather" for few tokens, "masked" for some, "sorted" for many.
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ import torch
 import torch.nn.functional as Fn
 
 PATHS = ("auto", "gather", "masked", "sorted")
-# "auto" takes "gather" while T * K <= GATHER_MAX_PAIRS_PER_EXPERT * E, i.e. while a typical expert is
-# selected at most about that many times, and "sorted" above. Measured on the demo model's shapes
-# (D 576, F 24, E 48/56, K 16/8) on a 2-core AVX2 CPU with `python -m surgery_evals.cpu_paths`.
-GATHER_MAX_PAIRS_PER_EXPERT = float(os.environ.get("SURGERY_GATHER_MAX_PAIRS_PER_EXPERT", "3"))
+# "auto": "gather" while the experts some token selected are expected to be at most GATHER_MAX_IN_USE of all
+# (1 - (1 - K/E)^T, for independent tokens), since gathering pays off only while it skips many experts;
+# else "sorted" once it skips enough FLOPs to pay for its per-expert calls and scatter ((1 - K/E) * T at
+# least SORTED_MIN_SKIPPED), else "masked". Fitted to the demo model's two converted shapes (D 576, F 24;
+# E 48 K 16 with S 384, and E 56 K 8 with S 192) on a 2-core AVX2 EPYC, 30 layers of weights, T from 1 to
+# 512 (all paths timed, see README "CPU inference path"); the variables override them.
+GATHER_MAX_IN_USE = float(os.environ.get("SURGERY_CPU_GATHER_MAX_IN_USE", "0.75"))
+SORTED_MIN_SKIPPED = float(os.environ.get("SURGERY_CPU_SORTED_MIN_SKIPPED", "48"))
 
 
 @dataclass
@@ -88,7 +95,10 @@ def pack(gate_EFD, up_EFD, down_EDF, shared=None) -> Packed:
 
 
 def choose_path(T: int, E: int, K: int) -> str:
-    return "gather" if T * K <= GATHER_MAX_PAIRS_PER_EXPERT * E else "sorted"
+    skipped = 1 - K / E  # the fraction of routed experts a token does not run
+    if 1 - skipped ** T <= GATHER_MAX_IN_USE:
+        return "gather"
+    return "sorted" if skipped * T >= SORTED_MIN_SKIPPED else "masked"
 
 
 def _swiglu_halves(h: torch.Tensor) -> torch.Tensor:
