@@ -10,7 +10,8 @@ Criteria:
   weighted-norm   mean over tokens of routing weight x output norm when routed (how much it contributes)
   reconstruction  the subset whose routed output (re-routed among the kept) is closest to the unpruned
                   block's output on the domain: exact search when C(E, keep) is small, else greedy backward
-                  elimination (drop, one at a time, the expert whose removal hurts least)
+                  elimination (each round drops the quarter of the experts still to go whose single
+                  removal hurts least)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class PruneConfig:
     keep: int  # routed experts kept per layer
     criterion: str = "weighted-norm"
     tokens: int = 16384  # domain tokens for the statistics
-    recon_tokens: int = 2048  # tokens per layer for the reconstruction criterion
+    recon_tokens: int = 1024  # tokens per layer for the reconstruction criterion
     top_k: int | None = None  # a new top-k (must be <= keep); default: unchanged
     ctx: int = 512
 
@@ -116,13 +117,16 @@ def reconstruction_keep(block: MoEBlock, x_TD: torch.Tensor, keep: int) -> list[
                 best, best_err = list(subset), err
         return best
     alive = torch.ones(E, dtype=torch.bool)
-    while int(alive.sum()) > keep:
+    while (left := int(alive.sum()) - keep) > 0:
         errs = {}
         for e in alive.nonzero().flatten().tolist():
             m = alive.clone()
             m[e] = False
             errs[e] = _routed_error(block, y_TED, x_TD, target, m)
-        alive[min(errs, key=errs.get)] = False
+        # Drop the quarter of what is still to go whose single removal hurts least (one at a time is ~2.5x
+        # the evaluations for E = 48, keep = 24: 70 s a layer on one core at 2,048 tokens).
+        for e in sorted(errs, key=errs.get)[:max(1, math.ceil(left / 4))]:
+            alive[e] = False
     return alive.nonzero().flatten().tolist()
 
 
