@@ -70,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--stats-tokens", type=int, default=16384)
     ap.add_argument("--keep-fraction", type=float, default=0.5)
+    ap.add_argument("--criteria", default="frequency,weighted-norm,reconstruction")
     ap.add_argument("--prune-calibrate-tokens", type=int, default=8192)
     ap.add_argument("--new-experts-fraction", type=float, default=0.25)
     ap.add_argument("--extend-tokens", type=int, default=24576)
@@ -113,7 +114,8 @@ def main(argv=None):
 
         keep = round(args.keep_fraction * moe.num_experts)
         ids = tokenize_file(tok, resolve_data("stdlib-train"), args.stats_tokens)
-        for criterion in ("frequency", "weighted-norm", "reconstruction"):
+        criteria = args.criteria.split(",")
+        for criterion in criteria:
             name = f"prune-{criterion}"
             if res.has(name):
                 continue
@@ -126,7 +128,7 @@ def main(argv=None):
             res.add({"name": name, "kind": "prune", "criterion": criterion, "keep": keep,
                      "seconds": round(time.time() - t0, 1), "ppl": evaluate(m, tok, args.eval_tokens),
                      "bytes": bytes_of(out), "kept": kept})
-        best = min(("frequency", "weighted-norm", "reconstruction"),
+        best = min(criteria,
                    key=lambda c: res.get(f"prune-{c}")["ppl"]["stdlib"])
         name = f"prune-{best}-calibrated"
         if args.prune_calibrate_tokens and not res.has(name):
