@@ -59,6 +59,10 @@ def route(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax", reno
         from . import triton_moe
 
         return triton_moe.route(logits_TE, top_k, score_func, renormalize, scale)
+    if impl in ("auto", "cpu") and not logits_TE.is_cuda and not (torch.is_grad_enabled() and logits_TE.requires_grad):
+        from . import cpu_moe
+
+        return cpu_moe.route(logits_TE, top_k, score_func, renormalize, scale)
     return reference.route(logits_TE, top_k, score_func, renormalize, scale)
 
 

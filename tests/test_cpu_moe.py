@@ -64,12 +64,14 @@ def test_paths_equal_the_reference(T, E, F, D, S, K, widths, path):
     torch.testing.assert_close(out, ref, **TOL)
 
 
-def test_auto_gathers_for_few_tokens_and_sorts_for_many():
-    assert cpu_moe.choose_path(1, 48, 16) == "gather"
-    assert cpu_moe.choose_path(4096, 48, 16) == "sorted"
-    # Monotone in T: once sorted, always sorted.
-    paths = [cpu_moe.choose_path(T, 48, 16) for T in range(1, 200)]
-    assert paths == sorted(paths)
+def test_auto_goes_from_gather_to_grouped_as_tokens_grow():
+    order = ["gather", "masked", "sorted", "grouped"]
+    for E, K in ((48, 16), (56, 8), (8, 2)):
+        assert cpu_moe.choose_path(1, E, K) == "gather"
+        assert cpu_moe.choose_path(8192, E, K) == "grouped"
+        # Monotone in T: a path once left is not taken again.
+        paths = [order.index(cpu_moe.choose_path(T, E, K)) for T in range(1, 8193)]
+        assert paths == sorted(paths)
 
 
 def test_packing_is_reused_and_follows_in_place_changes():
@@ -123,3 +125,13 @@ def test_converted_model_logits_match_the_reference_path(tiny_llama, tmp_path):
         set_impl(model, "reference")
         ref = model(input_ids=ids).logits
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("score_func,renormalize,scale", [("softmax", True, 1.0), ("softmax", True, 16.0),
+                                                          ("softmax", False, 2.0), ("sigmoid", True, 1.0)])
+def test_route_equals_the_reference(score_func, renormalize, scale):
+    logits = torch.randn(200, 48, generator=torch.Generator().manual_seed(3)) * 3
+    w, ids = cpu_moe.route(logits, 16, score_func, renormalize, scale)
+    rw, rids = reference.route(logits, 16, score_func, renormalize, scale)
+    assert torch.equal(ids, rids)  # same experts, same order (largest first)
+    torch.testing.assert_close(w, rw, atol=1e-6 * scale, rtol=1e-5)
