@@ -28,7 +28,8 @@ def test_bench_model_cli_writes_rows(tmp_path, tiny_llama):
                                   "--decode-batch", "1,2", "--new-tokens", "3", "--json", str(out)])
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
-    assert result["device"] == "cpu" and result["path"].startswith("reference")
+    assert result["device"] == "cpu" and "cpu_moe" in result["path"]
+    assert result["machine"]["cores"] >= 1 and result["machine"]["torch_threads"] >= 1
     rows = result["rows"]
     assert {(r["model"], r["phase"], r["batch"]) for r in rows} == {
         (m, p, b) for m in ("dense", "converted") for p, b in (("prefill", 1), ("decode", 1), ("decode", 2))}
@@ -39,3 +40,17 @@ def test_bench_model_cli_writes_rows(tmp_path, tiny_llama):
 def test_bench_model_needs_a_model():
     r = CliRunner().invoke(main, ["bench", "model", "--json", "x.json"])
     assert r.exit_code == 2 and "--synthetic" in r.stderr
+
+
+def test_bench_model_stock_needs_synthetic(tmp_path, tiny_llama):
+    convert(tiny_llama, tmp_path / "moe", ConvertConfig(experts=4, top_k=1), progress=False)
+    r = CliRunner().invoke(main, ["bench", "model", str(tmp_path / "moe"), "--stock", "--json", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "--stock goes with --synthetic" in r.output
+
+
+def test_stock_mixtral_has_the_converted_shape():
+    from surgery_evals.throughput import llama2_7b_config, stock_mixtral_like
+
+    c = stock_mixtral_like(llama2_7b_config(layers=2), experts=16, top_k=4)
+    assert (c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, c.num_hidden_layers) == (
+        4096, 11008 // 16, 16, 4, 2)
