@@ -40,9 +40,13 @@ def domain_ids(tokenizer, spec: str, tokens: int, flag: str = "--data") -> tuple
 def _load_converted(model_path, device):
     from surgery.modeling import is_converted, load_model, load_tokenizer
 
+    from surgery.moe import set_impl
+
     model = load_model(model_path, device=device)
     if not is_converted(model):
         raise SurgeryError(f"{model_path}: a dense model has no experts (run `surgery convert` first)")
+    if str(device) == "cpu":
+        set_impl(model, "masked")  # training on a CPU: the routed MoE as three masked matmuls (= the reference)
     return model, load_tokenizer(model_path)
 
 
@@ -83,7 +87,7 @@ def run_prune(model_path, out, data: str, cfg, calibrate_tokens: int = 0, lr: fl
     name, path, ids = domain_ids(tok, data, cfg.tokens)
     before = model.surgery_config.num_experts
     kept, stats = choose_experts(model, ids, cfg, progress)
-    teacher = copy.deepcopy(model) if calibrate_tokens > 0 else None
+    teacher = copy.deepcopy(model) if calibrate_tokens > 0 else None  # before slicing: the unpruned model
     record = {"op": "prune", "data": str(path), "criterion": cfg.criterion, "tokens": int(ids.numel()),
               "from_experts": before, "keep": cfg.keep, "kept": kept}
     prune_model(model, kept, cfg.top_k, record)
