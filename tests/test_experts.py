@@ -239,3 +239,18 @@ def test_stdlib_split_is_disjoint_and_deterministic():
     assert names(train) and names(evl) and not names(train) & names(evl)
     assert all(stdlib_split_part(n[:-3]) == "eval" for n in names(evl))
     assert stdlib_split_text("eval") == evl
+
+
+def test_prune_with_calibration_trains_only_the_kept_experts(tmp_path, tiny_moe, domain):
+    out = tmp_path / "pc"
+    res = CliRunner().invoke(main, ["prune", str(tiny_moe), str(out), "--data", str(domain), "--keep-experts", "3",
+                                    "--calibrate-tokens", "1024", "--lr", "1e-2", "--tokens", "1200"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["calibration"]["tokens"] == 1024
+    pruned = load_model(out)
+    assert pruned.surgery_config.modules[-1]["calibration"]["teacher"] == "unpruned"
+    base = load_model(tiny_moe)
+    kept = summary["kept"][0]
+    # calibration moved the kept experts away from their unpruned values (it trained them)
+    assert not torch.equal(moe_blocks(pruned)[0].experts.gate_proj, moe_blocks(base)[0].experts.gate_proj[kept])
