@@ -302,5 +302,7 @@ def test_demo_model_exports(tmp_path, demo_model, fmt, experts, shared):
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     ids = tok("The capital of France is a city where", return_tensors="pt").input_ids
     a, b = logits(ours, ids), logits(stock, ids)
-    assert (a - b).abs().max().item() <= TOL
+    # 30 layers, logits up to ~20: float32 summation order (stock grouped matmul against our CPU path) drifts
+    # past TOL; measured 3.2e-4 (1.7e-4 on our reference path), so the demo's bound is 1e-3.
+    assert (a - b).abs().max().item() <= 1e-3
     assert torch.equal(greedy(ours, ids), greedy(stock, ids))
