@@ -81,7 +81,11 @@ def main(argv=None):
                     help="extension variants: INIT or INIT-l2r (with the replay-memory router stage)")
     ap.add_argument("--conc-weights", default="0,0.1", help="concentration stage: loss weights (0: control)")
     ap.add_argument("--conc-tokens", type=int, default=8192)
+    ap.add_argument("--table", action="store_true", help="only print RESULTS as a Markdown table")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads((Path(args.results) / "modularity-cpu.json").read_text())))
+        return
     torch.manual_seed(0)
     work, res_dir = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
@@ -250,6 +254,24 @@ def concentration_study(args, res: Results, tok, work: Path) -> None:
         prune_model(m, kept)
         row["pruned_ppl"] = evaluate(m, tok, args.eval_tokens)
         res.add(row)
+
+
+def table(data: dict) -> str:
+    """The rows as a Markdown table, each perplexity with its ratio to the row's own starting model."""
+    rows = {r["name"]: r for r in data["rows"]}
+    out = ["| run | WikiText-2 test ppl (x start) | stdlib-eval ppl (x start) | checkpoint MB | training tokens | minutes |",
+           "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        start = rows.get("dense" if r.get("model") == "dense" or r["name"] == "dense" else "base")
+        cells = []
+        for d in ("wikitext", "stdlib"):
+            v = r["ppl"][d]
+            cells.append(f"{v:.2f}" + (f" ({v / start['ppl'][d]:.3f}x)" if start and r is not start else ""))
+        mb = f"{r['bytes'] / 1e6:.1f}" if r.get("bytes") else "-"
+        toks = r.get("tokens") or r.get("calibrate_tokens") or "-"
+        mins = r.get("minutes") or (round(r["seconds"] / 60, 2) if r.get("seconds") else "-")
+        out.append(f"| {r['name']} | {cells[0]} | {cells[1]} | {mb} | {toks} | {mins} |")
+    return "\n".join(out)
 
 
 def plot(data: dict, path: Path) -> None:
