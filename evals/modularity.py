@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from surgery.data import resolve_data, tokenize_file
+from surgery.experts.commands import checkpoint_bytes
 from surgery.modeling import load_model, load_tokenizer, save_converted
 from surgery.moe import set_impl
 from surgery_evals.perplexity import perplexity
@@ -54,10 +55,6 @@ def evaluate(model, tok, tokens: int) -> dict:
         r = perplexity(model, tok, resolve_data(data), tokens, 1024, 1, progress=False)
         out[name] = round(r["perplexity"], 4)
     return out
-
-
-def bytes_of(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 def main(argv=None):
@@ -102,7 +99,7 @@ def main(argv=None):
             if not res.has(name):
                 m = load_model(path)
                 res.add({"name": name, "kind": "reference", "ppl": evaluate(m, tok, args.eval_tokens),
-                         "bytes": bytes_of(path)})
+                         "bytes": checkpoint_bytes(path)})
 
     if "stats" in stages and not (res_dir / "stats.json").is_file():
         from surgery.experts.commands import run_stats
@@ -131,7 +128,7 @@ def main(argv=None):
             save_converted(m, out, tokenizer_from=args.base, overwrite=True)
             res.add({"name": name, "kind": "prune", "criterion": criterion, "keep": keep,
                      "seconds": round(time.time() - t0, 1), "ppl": evaluate(m, tok, args.eval_tokens),
-                     "bytes": bytes_of(out), "kept": kept})
+                     "bytes": checkpoint_bytes(out), "kept": kept})
         best = min(criteria,
                    key=lambda c: res.get(f"prune-{c}")["ppl"]["stdlib"])
         name = f"prune-{best}-calibrated"
@@ -147,7 +144,7 @@ def main(argv=None):
                                                                  batch_size=2, lr=1e-4, train="moe"))
             res.add({"name": name, "kind": "prune", "criterion": best, "keep": keep,
                      "calibrate_tokens": cal["tokens"], "seconds": round(time.time() - t0, 1),
-                     "ppl": evaluate(m, tok, args.eval_tokens), "bytes": bytes_of(work / f"prune-{best}")})
+                     "ppl": evaluate(m, tok, args.eval_tokens), "bytes": checkpoint_bytes(work / f"prune-{best}")})
 
     new_tokens = args.extend_tokens + args.memory_tokens  # new-domain tokens seen by the extension
     total_tokens = args.extend_tokens + 2 * args.memory_tokens  # all tokens it trains on
@@ -189,7 +186,7 @@ def main(argv=None):
                          "pool_top_k": rec["pool_top_k"], "l2r": mem,
                          "tokens": rec["train"]["tokens"] + (rec.get("router_tuning") or {}).get("tokens", 0),
                          "minutes": round(secs / 60, 2), "ppl": evaluate(m, tok, args.eval_tokens),
-                         "bytes": bytes_of(work / name),
+                         "bytes": checkpoint_bytes(work / name),
                          "history": {k: rec[k]["history"] for k in ("train", "router_tuning") if k in rec}})
 
     if "finetune" in stages:

@@ -12,6 +12,11 @@ from surgery.errors import SurgeryError
 NAMED = ("wikitext-valid", "wikitext-test", "stdlib", "stdlib-train", "stdlib-eval")
 
 
+def checkpoint_bytes(folder) -> int:
+    """Bytes of a model folder's safetensors shards (what pruning or extension changes)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
 def parse_domain(spec: str) -> tuple[str, Path]:
     """`NAME=PATH`, a named data set (wikitext-valid, stdlib-train, ...) or a text/JSONL path (named by its
     file stem)."""
@@ -103,10 +108,10 @@ def run_prune(model_path, out, data: str, cfg, calibrate_tokens: int = 0, lr: fl
         result["calibration"] = {k: v for k, v in cal.items() if k != "history"}
         model.surgery_config.modules[-1]["calibration"] = {"tokens": cal["tokens"], "lr": lr, "teacher": "unpruned"}
     save_converted(model, out, tokenizer_from=model_path, overwrite=overwrite)
-    result["bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    result["bytes"] = checkpoint_bytes(out)
     src = Path(model_path)
     if src.is_dir():
-        result["source_bytes"] = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+        result["source_bytes"] = checkpoint_bytes(src)
     return result
 
 

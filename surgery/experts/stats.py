@@ -61,8 +61,11 @@ class _Collector:
 
     def _hook(self, i):
         def hook(block, args):
+            from surgery.router import route_weights
+
             x_TD = args[0].reshape(-1, block.hidden)
-            w_TK, ids_TK = route(block, x_TD)
+            logits_TE = block.router_logits(x_TD)  # once: for the routing and for the router's entropy
+            w_TK, ids_TK = route_weights(logits_TE, block.routing)
             norms_TE = expert_outputs(block, x_TD).norm(dim=-1)
             n_TK = norms_TE.gather(1, ids_TK)
             a = self.acc[i]
@@ -73,7 +76,7 @@ class _Collector:
             a.norm += torch.zeros(E, dtype=torch.float64).index_add_(0, flat, n_TK.reshape(-1).double())
             a.contribution += torch.zeros(E, dtype=torch.float64).index_add_(
                 0, flat, (w_TK * n_TK).reshape(-1).double())
-            logp = torch.log_softmax(block.router_logits(x_TD), -1)
+            logp = torch.log_softmax(logits_TE, -1)
             a.router_entropy += float(-(logp.exp() * logp).sum(-1).sum())
             a.tokens += x_TD.shape[0]
         return hook

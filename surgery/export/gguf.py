@@ -47,7 +47,8 @@ import torch
 from surgery.atomic import atomic_file
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
-from surgery.export.common import base_config_dict, check_common, head_dim, rope_parameters, sha256_file
+from surgery.export.common import (base_config_dict, check_common, head_dim, pad_neurons, rope_parameters,
+                                   sha256_file)
 
 FORMAT = "gguf"
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -90,15 +91,6 @@ def _round_up(n: int, m: int) -> int:
 def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF's rotate-half RoPE rows -> llama.cpp's interleaved pairs (llama.cpp's LlamaModel.permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _pad_rows(t: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
-    """Zero-pad `t` along `dim` to `rows` (zero neurons: exact)."""
-    if t.shape[dim] == rows:
-        return t
-    shape = list(t.shape)
-    shape[dim] = rows - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def layout(model) -> dict:
@@ -196,9 +188,9 @@ def plan(model, dtype: str) -> tuple[dict, list[GTensor]]:
         m = layer.mlp
         if moe is None:
             Fd = _round_up(m.gate_proj.weight.shape[0], pad)
-            add(f"{b}.ffn_gate.weight", lambda m=m: _pad_rows(m.gate_proj.weight.detach().float(), Fd, 0), (Fd, D))
-            add(f"{b}.ffn_up.weight", lambda m=m: _pad_rows(m.up_proj.weight.detach().float(), Fd, 0), (Fd, D))
-            add(f"{b}.ffn_down.weight", lambda m=m: _pad_rows(m.down_proj.weight.detach().float(), Fd, 1), (D, Fd))
+            add(f"{b}.ffn_gate.weight", lambda m=m: pad_neurons(m.gate_proj.weight.detach().float(), Fd, 0), (Fd, D))
+            add(f"{b}.ffn_up.weight", lambda m=m: pad_neurons(m.up_proj.weight.detach().float(), Fd, 0), (Fd, D))
+            add(f"{b}.ffn_down.weight", lambda m=m: pad_neurons(m.down_proj.weight.detach().float(), Fd, 1), (D, Fd))
             info["ffn_width"] = Fd
             continue
         E = moe.num_experts
@@ -206,10 +198,10 @@ def plan(model, dtype: str) -> tuple[dict, list[GTensor]]:
         scale = float(moe.routing.scale)
         add(f"{b}.ffn_gate_inp.weight", w(m.router.weight), (E, D), f32)
         ex = m.experts
-        add(f"{b}.ffn_gate_exps.weight", lambda ex=ex: _pad_rows(ex.gate_proj.detach().float(), F, 1), (E, F, D))
-        add(f"{b}.ffn_up_exps.weight", lambda ex=ex: _pad_rows(ex.up_proj.detach().float(), F, 1), (E, F, D))
+        add(f"{b}.ffn_gate_exps.weight", lambda ex=ex: pad_neurons(ex.gate_proj.detach().float(), F, 1), (E, F, D))
+        add(f"{b}.ffn_up_exps.weight", lambda ex=ex: pad_neurons(ex.up_proj.detach().float(), F, 1), (E, F, D))
         add(f"{b}.ffn_down_exps.weight",
-            lambda ex=ex: _pad_rows(ex.down_proj.detach().float() * scale, F, 2), (E, D, F))
+            lambda ex=ex: pad_neurons(ex.down_proj.detach().float() * scale, F, 2), (E, D, F))
         S = moe.shared_width
         if info["arch"] == "deepseek":
             S = max(_round_up(S, F), F)  # DeepSeek's shared MLP is n_expert_shared x the expert width (>= 1)
@@ -221,7 +213,7 @@ def plan(model, dtype: str) -> tuple[dict, list[GTensor]]:
             def shared(proj, dim, se=se, S=S):
                 if se is None:
                     return lambda: torch.zeros((S, D) if dim == 0 else (D, S))
-                return lambda: _pad_rows(getattr(se, proj).weight.detach().float(), S, dim)
+                return lambda: pad_neurons(getattr(se, proj).weight.detach().float(), S, dim)
 
             add(f"{b}.ffn_gate_shexp.weight", shared("gate_proj", 0), (S, D))
             add(f"{b}.ffn_up_shexp.weight", shared("up_proj", 0), (S, D))
