@@ -64,6 +64,9 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
         t0 = time.time()
         r = calibrate(student, teacher, tok, CalibrateConfig(layerwise=lw, e2e=e2e, seed=0, data=spec.get("data")))
         res["calibration_seconds"] = round(time.time() - t0, 1)
+        layers = r.get("layerwise", {}).get("layers", [])
+        if layers:  # mean block error over layers, before and after layer-wise calibration
+            res["layerwise_error"] = [round(sum(x[k] for x in layers) / len(layers), 5) for k in ("before", "after")]
         if "e2e" in r:
             h = r["e2e"]["history"]
             res["e2e_kd_first_last10"] = [h[0]["kd"], round(sum(x["kd"] for x in h[-10:]) / min(10, len(h)), 5)]

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from surgery import losses
 from surgery.atomic import atomic_file
+from surgery.compensate import refit_down
 from surgery.data import windows_of
 from surgery.errors import SurgeryError
 from surgery.moe import MoEBlock, moe_blocks, set_impl
@@ -49,6 +50,10 @@ class LayerwiseConfig:
     concentration: float = 0.0
     router_tokens: int = 8192  # router fitting caches [N, E, D] expert outputs: cap N (fine-grained E is large)
     autocast: str = "auto"  # bfloat16 autocast: "auto" (where bf16 matmuls are fast, see fast_bf16), "on", "off"
+    # Closed-form refit of the down-projections under the routing (surgery/compensate.py), after the router
+    # fit and again after expert training; refit_damp is its ridge towards the current weights.
+    refit_down: bool = False
+    refit_damp: float = 1e-2
 
 
 @dataclass
@@ -191,6 +196,8 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
         with torch.no_grad():
             block.router.weight.copy_(w.to(block.router.weight.dtype))
         del y
+    if cfg.refit_down:
+        stats.update(refit_down(block, x, target, cfg.refit_damp))
     if cfg.expert_epochs > 0:
         params = [p for p in block.parameters()]
         for p in params:
@@ -219,6 +226,8 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
         for p in params:
             p.requires_grad_(False)
         block.last_router_logits = None
+        if cfg.refit_down:  # the optimum for the down-projections given the trained gates, ups and router
+            stats["refit_final"] = refit_down(block, x, target, cfg.refit_damp)["refit_after"]
     with torch.no_grad():
         stats["after"] = losses.block_error(block(x.to(block.router.weight.dtype)).float(), target).item()
     block.last_router_logits = None
