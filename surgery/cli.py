@@ -89,17 +89,22 @@ def demo_model(out, dtype):
 @click.option("--profile", "profile_path", type=click.Path(), default=None,
               help="Profiling statistics from `surgery profile` (needed by --method coactivation and "
               "--router-init fitted).")
+@click.option("--layer-budgets", default="uniform", show_default=True,
+              help="Experts per token in each layer, at the same mean --top-k: uniform, or sensitivity (more "
+              "where the profiled routing error drops most; needs --profile).")
 @click.option("--score-func", type=click.Choice(["softmax", "sigmoid"]), default="softmax", show_default=True)
 @click.option("--no-renormalize", is_flag=True, help="Do not renormalise the top-k scores to sum to 1.")
-@click.option("--scale", type=float, default=None, help="Routing weight scale  [default: top-k]")
+@click.option("--scale", type=float, default=None,
+              help="Routing weight scale  [default: top-k; with per-layer budgets each layer's scale is "
+              "this times its k / top-k]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Output dtype  [default: the checkpoint's]")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
-def convert(src, out, experts, top_k, shared_experts, method, seed, router_init, profile_path, score_func,
-            no_renormalize, scale, dtype, max_shard_size, overwrite, json_path):
+def convert(src, out, experts, top_k, shared_experts, method, seed, router_init, profile_path, layer_budgets,
+            score_func, no_renormalize, scale, dtype, max_shard_size, overwrite, json_path):
     """Split every FFN of the dense model SRC (folder or .gguf) into experts; write the MoE model to OUT.
 
     Each layer's intermediate neurons are partitioned into EXPERTS routed experts (plus SHARED-EXPERTS
@@ -111,7 +116,7 @@ def convert(src, out, experts, top_k, shared_experts, method, seed, router_init,
 
     cfg = ConvertConfig(experts=experts, top_k=top_k, shared_experts=shared_experts, method=method, seed=seed,
                         router_init=router_init, score_func=score_func, renormalize=not no_renormalize,
-                        scale=scale, dtype=dtype, max_shard_size=max_shard_size)
+                        scale=scale, dtype=dtype, max_shard_size=max_shard_size, layer_budgets=layer_budgets)
     if profile_path is not None:
         from surgery.profile import load_profile
 
@@ -174,7 +179,7 @@ def info(model_path, as_json):
     for key, value in result.items():
         if isinstance(value, int) and key.endswith("parameters"):
             value = f"{value:,} ({value / 1e6:.1f}M)"
-        click.echo(f"{key:>22}: {value}")
+        click.echo(f"{key:>23}: {value}")
 
 
 @main.group()

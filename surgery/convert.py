@@ -17,12 +17,13 @@ from tqdm import tqdm
 
 import surgery
 from surgery.atomic import atomic_dir
+from surgery.budgets import candidate_ks, get_budget, layer_errors
 from surgery.checkpoint import TensorSource, ffn_names, file_hash, open_source
 from surgery.cluster import FFNWeights, balanced_sizes, check_partition, get_method
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
 from surgery.factorize import permutation, split_ffn
-from surgery.modeling import copy_tokenizer_files, moe_tensor_names, parse_dtype
+from surgery.modeling import copy_tokenizer_files, moe_tensor_names, parse_dtype, set_layer_routing
 from surgery.router import ROUTER_INITS, RoutingConfig
 from surgery.safetensors_io import ShardedWriter, TensorSpec, parse_size
 
@@ -41,6 +42,9 @@ class ConvertConfig:
     scale: float | None = None  # None: top_k (selected experts keep their dense weight on average)
     dtype: str | None = None  # None: keep the checkpoint's dtype
     max_shard_size: str = "5GB"
+    # How many experts each layer routes to at the same mean top_k (surgery/budgets.py): uniform, or
+    # sensitivity (more experts where the profiled routing error drops most; needs stats)
+    layer_budgets: str = "uniform"
     stats: dict = field(default_factory=dict, repr=False)  # per-layer profiling statistics, for data methods
 
     def routing(self) -> RoutingConfig:
@@ -60,6 +64,8 @@ class ConvertConfig:
         get_method(self.method)
         if self.router_init not in ROUTER_INITS:
             raise SurgeryError(f"--router-init {self.router_init!r}: choose from {', '.join(ROUTER_INITS)}")
+        if getattr(get_budget(self.layer_budgets), "data_aware", False) and not self.stats:
+            raise SurgeryError(f"--layer-budgets {self.layer_budgets} needs profiling statistics (give --profile PATH)")
         parse_size(self.max_shard_size)
 
 
@@ -75,7 +81,8 @@ def plan_moe_config(cfg: ConvertConfig, width: int) -> tuple[MoEConfig, list[int
 
 
 def convert_layer(ffn: FFNWeights, cfg: ConvertConfig, sizes: list[int], layer: int, moe: MoEConfig):
-    """One FFN -> (tensors in moe_tensor_names order, permutation)."""
+    """One FFN -> (tensors in moe_tensor_names order, permutation, {k: error} for a data-aware layer budget
+    rule or None)."""
     method = get_method(cfg.method)
     groups = method(ffn, sizes, seed=cfg.seed * 100_003 + layer, stats=cfg.stats.get(layer), shared=cfg.shared_experts)
     check_partition(groups, sizes, ffn.width)
@@ -87,10 +94,19 @@ def convert_layer(ffn: FFNWeights, cfg: ConvertConfig, sizes: list[int], layer: 
     else:
         router = init(ffn.gate, groups[cfg.shared_experts:])
     router = router.to(ffn.gate.dtype)
+    errors = None
+    if getattr(get_budget(cfg.layer_budgets), "data_aware", False):  # the router as it will be written
+        errors = layer_errors(ffn, groups, cfg.shared_experts, cfg.stats.get(layer), router, moe.routing,
+                              candidate_ks(cfg.top_k, cfg.experts))
     tensors = [router, parts["gate"], parts["up"], parts["down"]]
     if cfg.shared_experts:
         tensors += [parts["shared_gate"], parts["shared_up"], parts["shared_down"]]
-    return tensors, permutation(groups)
+    return tensors, permutation(groups), errors
+
+
+def allocate_budgets(cfg: ConvertConfig, moe: MoEConfig, errors: list) -> None:
+    """Set moe.layer_top_k by the configured rule, once every layer's errors are known."""
+    moe.layer_top_k = get_budget(cfg.layer_budgets)(errors, len(errors), cfg.top_k, cfg.experts)
 
 
 def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: bool = True) -> dict:
@@ -110,6 +126,7 @@ def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: boo
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, specs, parse_size(cfg.max_shard_size))
         moe.permutations = [[] for _ in range(layers)]
+        errors = [None] * layers
         pending: dict[str, torch.Tensor] = {}
         bar = tqdm(total=layers, desc="converting layers", unit="layer", disable=not progress)
         for spec in writer.order:
@@ -120,7 +137,7 @@ def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: boo
                 if spec.name not in pending:
                     names = ffn_names(layer)
                     ffn = FFNWeights(*(source.get(names[p]) for p in ("gate_proj", "up_proj", "down_proj")))
-                    tensors, perm = convert_layer(ffn, cfg, sizes, layer, moe)
+                    tensors, perm, errors[layer] = convert_layer(ffn, cfg, sizes, layer, moe)
                     del ffn  # the dense FFN is no longer needed: keep one layer in memory, not two
                     moe.permutations[layer] = perm
                     pending = dict(zip(moe_tensor_names(layer, bool(cfg.shared_experts)), tensors))
@@ -130,6 +147,7 @@ def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: boo
             del t
         bar.close()
         writer.close()
+        allocate_budgets(cfg, moe, errors)  # only the config depends on it: the tensors are the same
         config = dict(base)
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("quantization_config", None)
@@ -149,6 +167,8 @@ def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: boo
         "method": cfg.method,
         "expert_sizes": moe.expert_sizes,
         "active_ffn_fraction": round(moe.active_ffn_fraction, 6),
+        "max_active_ffn_fraction": round(moe.max_active_ffn_fraction, 6),
+        **({"layer_top_k": moe.layer_top_k} if moe.layer_top_k else {}),
         "checkpoint_bytes": source.total_bytes(),
         "output_bytes": writer.total_bytes,
         "shards": len(writer.names),
@@ -206,10 +226,12 @@ def convert_model(dense, cfg: ConvertConfig, progress: bool = False):
     cfg.validate(width)
     moe, sizes = plan_moe_config(cfg, width)
     moe.permutations = []
+    errors = []
     for layer, block in enumerate(tqdm(dense.model.layers, desc="converting layers", disable=not progress)):
         mlp = block.mlp
         ffn = FFNWeights(mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data)
-        tensors, perm = convert_layer(ffn, cfg, sizes, layer, moe)
+        tensors, perm, err = convert_layer(ffn, cfg, sizes, layer, moe)
+        errors.append(err)
         weight = mlp.gate_proj.weight
         new = MoEBlock(config.hidden_size, moe.num_experts, moe.expert_width, moe.shared_width, moe.routing,
                        dtype=weight.dtype, device=weight.device)
@@ -222,5 +244,7 @@ def convert_model(dense, cfg: ConvertConfig, progress: bool = False):
         block.mlp = new
         moe.permutations.append(perm)
         del ffn, tensors, mlp
+    allocate_budgets(cfg, moe, errors)
+    set_layer_routing(dense, moe)
     dense.surgery_config = moe
     return dense

@@ -22,12 +22,14 @@ def model_info(model) -> dict:
         "total_parameters": total,
         "active_parameters": total,
         "active_ffn_fraction": 1.0,
+        "max_active_ffn_fraction": 1.0,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     if moe is None:
         return info
     D = cfg.hidden_size
-    # Per token, a layer uses K of E routed experts (padding neurons excluded: they do no work).
+    # Per token, a layer uses K of E routed experts (padding neurons excluded: they do no work); with per-layer
+    # budgets K is the mean over layers, which is what the total over layers needs.
     idle_per_layer = 3 * D * sum(moe.expert_sizes) * (1 - moe.top_k / moe.num_experts)
     padding = sum(3 * D * (moe.expert_width - n) for n in moe.expert_sizes) * len(moe_blocks(model))
     for ext in moe.extensions:  # pools added by `surgery extend`: top-k of their experts run per token
@@ -38,12 +40,14 @@ def model_info(model) -> dict:
         modules=[{k: v for k, v in m.items() if k != "kept"} for m in moe.modules],
         experts=moe.num_experts,
         top_k=moe.top_k,
+        **({"layer_top_k": moe.layer_top_k} if not moe.uniform_top_k else {}),
         shared_experts=moe.shared_experts,
         shared_width=moe.shared_width,
         expert_sizes=moe.expert_sizes,
         padding_parameters=padding,
         active_parameters=int(total - padding - idle_per_layer * len(moe_blocks(model))),
-        active_ffn_fraction=round(moe.active_ffn_fraction, 6),
+        active_ffn_fraction=round(moe.active_ffn_fraction, 6),  # mean over layers
+        max_active_ffn_fraction=round(moe.max_active_ffn_fraction, 6),  # the densest layer
         routing=moe.routing.to_dict(),
         method=moe.method,
         source=moe.source,

@@ -57,12 +57,26 @@ def install_moe_blocks(model: nn.Module, moe: MoEConfig, dtype=None, device=None
     from surgery.router import RoutingConfig
 
     cfg = model.config
-    for layer in model.model.layers:
+    check_layer_top_k(moe, len(model.model.layers))
+    for i, layer in enumerate(model.model.layers):
         layer.mlp = MoEBlock(cfg.hidden_size, moe.num_experts, moe.expert_width, moe.shared_width,
-                             moe.routing, dtype=dtype, device=device)
+                             moe.layer_routing(i), dtype=dtype, device=device)
         for ext in moe.extensions:
             layer.mlp.extensions.append(ExpertPool(cfg.hidden_size, ext["num_experts"], ext["expert_width"],
                                                    RoutingConfig(**ext["routing"]), dtype=dtype, device=device))
+
+
+def check_layer_top_k(moe: MoEConfig, layers: int) -> None:
+    if moe.layer_top_k and len(moe.layer_top_k) != layers:
+        raise SurgeryError(f"config.json: layer_top_k has {len(moe.layer_top_k)} entries for {layers} layers")
+
+
+def set_layer_routing(model: nn.Module, moe: MoEConfig) -> None:
+    """Give every MoE block its layer's routing (top-k and scale) from `moe`."""
+    blocks = [layer.mlp for layer in model.model.layers]
+    check_layer_top_k(moe, len(blocks))
+    for i, block in enumerate(blocks):
+        block.routing = moe.layer_routing(i)
 
 
 def _fix_meta_buffers(model: nn.Module) -> None:

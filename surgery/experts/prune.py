@@ -171,6 +171,11 @@ def prune_model(model, kept: list[list[int]], top_k: int | None = None, record: 
     blocks = moe_blocks(model)
     if len(kept) != len(blocks) or len({len(k) for k in kept}) != 1:
         raise SurgeryError("prune: need the same number of kept experts for every layer")
+    # Per-layer budgets (--layer-budgets) survive a prune that keeps the top-k; a new --top-k is uniform.
+    layer_top_k = moe.layer_top_k if top_k is None else []
+    if max(layer_top_k, default=0) > len(kept[0]):
+        raise SurgeryError(f"prune: a layer routes to {max(layer_top_k)} experts, more than the {len(kept[0])} "
+                           f"kept; keep more experts or give --top-k")
     for b, k in zip(blocks, kept):
         slice_block(b, k, top_k)
     keep = len(kept[0])
@@ -188,6 +193,7 @@ def prune_model(model, kept: list[list[int]], top_k: int | None = None, record: 
         for n in moe.expert_sizes:
             starts.append(starts[-1] + n)
         perms.append(perm[:moe.shared_width] + [i for e in k for i in perm[starts[e]:starts[e + 1]]])
-    routing = blocks[0].routing
+    routing = blocks[0].routing if not layer_top_k else moe.routing
     model.surgery_config = replace(moe, num_experts=keep, expert_sizes=new_sizes, permutations=perms,
-                                   routing=routing, modules=moe.modules + ([record] if record else []))
+                                   routing=routing, layer_top_k=layer_top_k,
+                                   modules=moe.modules + ([record] if record else []))

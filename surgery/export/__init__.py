@@ -32,9 +32,9 @@ from surgery.checkpoint import read_config_dict
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
 from surgery.export import mixtral, native, qwen2_moe
-from surgery.export.common import (EXPORT_KEY, MANIFEST, base_config_dict, export_block, model_card,
-                                   read_manifest, read_perplexity_json, verify_manifest, verify_target_config,
-                                   write_manifest)
+from surgery.export.common import (EXPORT_KEY, MANIFEST, base_config_dict, check_uniform_top_k, export_block,
+                                   model_card, read_manifest, read_perplexity_json, verify_manifest,
+                                   verify_target_config, write_manifest)
 from surgery.modeling import (_load_generation_config, _place, build_from_state, copy_tokenizer_files, parse_dtype,
                               read_safetensors_folder)
 from surgery.safetensors_io import ShardedWriter, TensorSpec, parse_size
@@ -66,6 +66,8 @@ def export(model, out, fmt: str, dtype=None, max_shard_size="5GB", overwrite: bo
     if moe.extensions and fmt != "native":
         raise SurgeryError(f"--format {fmt}: this model was extended (`surgery extend`) with a second pool of "
                            f"experts, which no stock MoE architecture routes; use --format native")
+    if fmt != "native":
+        check_uniform_top_k(moe, fmt)
     module.check(model, moe, base)
     dtype = parse_dtype(dtype) or next(model.parameters()).dtype
 

@@ -87,6 +87,14 @@ def decoder_fields(base: dict, architecture: str, model_type: str) -> dict:
     }
 
 
+def check_uniform_top_k(moe: MoEConfig, fmt: str) -> None:
+    """Stock formats hold one num_experts_per_tok for every layer: refuse per-layer budgets."""
+    if not moe.uniform_top_k:
+        raise SurgeryError(f"--format {fmt}: this model's layers route to different numbers of experts (top-k "
+                           f"{min(moe.layer_top_k)} to {moe.max_top_k}, --layer-budgets), but {fmt} has one "
+                           f"top-k for all layers; use --format native")
+
+
 def rope_scaling_field(base: dict) -> dict:
     """Non-default RoPE also as `rope_scaling`, the key older releases read."""
     rope = rope_parameters(base)
@@ -207,9 +215,10 @@ def model_card(fmt: str, architecture: str, base: dict, moe: MoEConfig, dtype: t
         f"| Dense FFN width | {ffn} |",
         f"| Routed experts per layer | {moe.num_experts}, width {width} |",
         f"| Shared experts | {moe.shared_experts} (width {moe.shared_width}) |",
-        f"| Top-k | {moe.top_k} |",
+        f"| Top-k | {moe.top_k if moe.uniform_top_k else f'{moe.top_k} on average; per layer {moe.layer_top_k}'} |",
         f"| Routing | {rule} |",
-        f"| Active FFN fraction | {moe.active_ffn_fraction:.4f} |",
+        f"| Active FFN fraction | {moe.active_ffn_fraction:.4f}"
+        f"{'' if moe.uniform_top_k else f' (mean over layers; densest layer {moe.max_active_ffn_fraction:.4f})'} |",
         f"| Format | {fmt} (`{architecture}`), {str(dtype).removeprefix('torch.')} |",
     ]
     if perplexity and "perplexity" in perplexity:

@@ -47,8 +47,8 @@ import torch
 from surgery.atomic import atomic_file
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
-from surgery.export.common import (base_config_dict, check_common, head_dim, pad_neurons, rope_parameters,
-                                   sha256_file)
+from surgery.export.common import (base_config_dict, check_common, check_uniform_top_k, head_dim, pad_neurons,
+                                   rope_parameters, sha256_file)
 
 FORMAT = "gguf"
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -98,6 +98,7 @@ def layout(model) -> dict:
     moe: MoEConfig | None = getattr(model, "surgery_config", None)
     if moe is None:
         return {"arch": "llama", "moe": None}
+    check_uniform_top_k(moe, FORMAT)
     if moe.routing.score_func != "softmax":
         raise SurgeryError(f"--format gguf: this model's router scores experts with {moe.routing.score_func}; "
                            "llama.cpp's Llama-family MoE architectures take a softmax over all experts; "
