@@ -26,7 +26,7 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
     from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate
     from surgery.convert import ConvertConfig, convert_model
     from surgery.data import resolve_data
-    from surgery.modeling import load_model, load_tokenizer
+    from surgery.modeling import load_model, load_tokenizer, set_layer_routing
     from surgery.moe import set_impl
     from surgery.profile import ProfileConfig, calibration_ids, load_profile, profile_model, save_profile
     from surgery_evals.perplexity import perplexity
@@ -51,13 +51,18 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
     t0 = time.time()
     if conv.exists():  # same structure as an earlier ablation: reuse its conversion
         blob = torch.load(conv, weights_only=False)
-        convert_model(student, ConvertConfig(**{**spec["convert"], "method": "random", "router_init": "centroid"}))
+        convert_model(student, ConvertConfig(**{**spec["convert"], "method": "random", "router_init": "centroid",
+                                                 "layer_budgets": "uniform"}))
         student.load_state_dict(blob["state"])
+        blob["cfg"].__dict__.setdefault("layer_top_k", [])  # cached before per-layer budgets existed
         student.surgery_config = blob["cfg"]
+        set_layer_routing(student, blob["cfg"])  # each layer's own top-k, when the budgets are not uniform
     else:
         convert_model(student, cc)
         torch.save({"state": student.state_dict(), "cfg": student.surgery_config}, conv)
     res = {"spec": spec, "convert_seconds": round(time.time() - t0, 1)}
+    if student.surgery_config.layer_top_k:
+        res["layer_top_k"] = student.surgery_config.layer_top_k
     lw = LayerwiseConfig(**spec["layerwise"]) if spec.get("layerwise") else None
     e2e = EndToEndConfig(**spec["e2e"]) if spec.get("e2e") else None
     if lw or e2e:
