@@ -21,8 +21,8 @@ from surgery.router import RoutingConfig, group_outputs, route_weights
 
 
 def floor_k(top_k: int) -> int:
-    """No layer goes below half the mean top-k: a layer starved of experts costs more than the error curve
-    on a few thousand profiled tokens can show."""
+    """No layer goes below half the mean top-k: the error curves are per layer, on a few thousand profiled
+    tokens, and do not see how a starved layer's error compounds through the layers after it."""
     return max(1, top_k // 2)
 
 
