@@ -175,9 +175,13 @@ def interleave(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
-                  temperature: float = 1.0, top_p: float = 0.95, progress: bool = True) -> torch.Tensor:
+                  temperature: float = 1.0, top_p: float = 0.95, progress: bool = True,
+                  candidates: int = 1024) -> torch.Tensor:
     """A data-free calibration corpus: `tokens` token ids sampled from the (dense) model itself, each sequence
-    started from BOS (or a random vocabulary token when the tokenizer has none). Deterministic with `seed`."""
+    started from BOS (or a random vocabulary token when the tokenizer has none). Deterministic with `seed`.
+
+    Nucleus sampling among the `candidates` most likely tokens (a top-k of the logits instead of sorting the
+    whole vocabulary at every step); batches shrink to what is still needed, so no sequence is wasted."""
     from tqdm import tqdm
 
     from surgery.kvcache import returned_cache, with_cache
@@ -189,18 +193,20 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
     out, have = [], 0
     bar = tqdm(total=tokens, desc="sampling corpus", unit="tok", disable=not progress)
     while have < tokens:
+        n = min(batch_size, -(-(tokens - have) // seq_len))
         if bos is not None:
-            ids = torch.full((batch_size, 1), bos, dtype=torch.long)
+            ids = torch.full((n, 1), bos, dtype=torch.long)
         else:
-            ids = torch.randint(0, vocab, (batch_size, 1), generator=g)
+            ids = torch.randint(0, vocab, (n, 1), generator=g)
         ids = ids.to(device)
         cache = None
         step_ids = ids
         for _ in range(seq_len - 1):
             res = model(input_ids=step_ids, use_cache=True, **with_cache(model, cache))
             cache = returned_cache(res)
-            probs = torch.softmax(res.logits[:, -1].float().cpu() / max(temperature, 1e-5), -1)
-            sp, si = probs.sort(-1, descending=True)
+            logits = res.logits[:, -1].float().cpu() / max(temperature, 1e-5)
+            top, si = logits.topk(min(candidates, logits.shape[-1]), -1)  # sorted, largest first
+            sp = torch.exp(top - torch.logsumexp(logits, -1, keepdim=True))  # their full-vocabulary probabilities
             keep = sp.cumsum(-1) - sp < top_p
             sp = sp * keep
             nxt = si.gather(1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=g))

@@ -164,7 +164,7 @@ def calibration_ids(tokenizer, data=None, tokens: int = 16384, model=None, seed:
         if model is None:
             raise SurgeryError(f"--data {data} needs the dense model to sample from")
         n = tokens if data == "sample" else tokens - tokens // 2
-        sampled = sample_corpus(model, tokenizer, n, seed=seed, progress=progress, batch_size=32)
+        sampled = sample_corpus(model, tokenizer, n, seed=seed, progress=progress, batch_size=128)
         if data == "sample":
             return sampled
         return interleave(tokenize_file(tokenizer, resolve_data(None), tokens // 2), sampled, MIX_BLOCK)
