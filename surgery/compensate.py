@@ -81,11 +81,11 @@ def refit_down(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor, dam
     t = target_ND.float()
     a = token_weights(t)
     A = B = None
-    for i in range(0, x_ND.shape[0], chunk):
-        z = _features(block, x_ND[i:i + chunk]).double()
-        za = z * a[i:i + chunk, None].double()
-        A = za.T @ z if A is None else A + za.T @ z
-        Bc = t[i:i + chunk].double().T @ za
+    for i in range(0, x_ND.shape[0], chunk):  # float32 products per chunk (fast), summed in float64
+        z = _features(block, x_ND[i:i + chunk])
+        za = z * a[i:i + chunk, None]
+        Ac, Bc = (za.T @ z).double(), (t[i:i + chunk].T @ za).double()
+        A = Ac if A is None else A + Ac
         B = Bc if B is None else B + Bc
     before = losses.block_error(block(x_ND.to(block.router.weight.dtype)).float(), t).item()
     W0 = _down_matrix(block).double()
