@@ -76,8 +76,10 @@ def demo_model(out, dtype):
 @main.command()
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--experts", "-E", type=int, required=True, help="Routed experts per layer.")
-@click.option("--top-k", "-K", type=int, required=True, help="Experts each token is routed to.")
+@click.option("--experts", "-E", type=int, default=None,
+              help="Routed experts per layer  [required unless --attention-experts: then 1, the FFN unchanged]")
+@click.option("--top-k", "-K", type=int, default=None,
+              help="Experts each token is routed to  [required with --experts]")
 @click.option("--shared-experts", "-S", type=int, default=0, show_default=True,
               help="Always-on shared experts per layer (each as wide as a routed expert).")
 @click.option("--method", default="random", show_default=True,
@@ -97,6 +99,16 @@ def demo_model(out, dtype):
 @click.option("--scale", type=float, default=None,
               help="Routing weight scale  [default: top-k; with per-layer budgets each layer's scale is "
               "this times its k / top-k]")
+@click.option("--attention-experts", is_flag=True,
+              help="Also make every layer's query heads experts (keys/values stay dense; surgery/attention/).")
+@click.option("--attention-top-k", type=int, default=None,
+              help="Routed heads per token  [default: 75% of the heads active, shared included]")
+@click.option("--shared-heads", type=int, default=0, show_default=True,
+              help="Always-on heads per layer (the largest output contribution with a --heads profile, else the "
+              "first).")
+@click.option("--head-router", type=click.Choice(["qnorm", "learned"]), default="qnorm", show_default=True,
+              help="qnorm: parameter-free, the norm of each head's query; learned: linear, fitted to the head "
+              "output norms of a `surgery profile --heads` profile (zeros without one: a fixed set of heads).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Output dtype  [default: the checkpoint's]")
 @click.option("--max-shard-size", default="5GB", show_default=True)
@@ -104,7 +116,8 @@ def demo_model(out, dtype):
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
 def convert(src, out, experts, top_k, shared_experts, method, seed, router_init, profile_path, layer_budgets,
-            score_func, no_renormalize, scale, dtype, max_shard_size, overwrite, json_path):
+            score_func, no_renormalize, scale, attention_experts, attention_top_k, shared_heads, head_router, dtype,
+            max_shard_size, overwrite, json_path):
     """Split every FFN of the dense model SRC (folder or .gguf) into experts; write the MoE model to OUT.
 
     Each layer's intermediate neurons are partitioned into EXPERTS routed experts (plus SHARED-EXPERTS
@@ -114,13 +127,28 @@ def convert(src, out, experts, top_k, shared_experts, method, seed, router_init,
     """
     from surgery.convert import ConvertConfig, convert as run_convert
 
+    if experts is None and top_k is None and attention_experts:
+        experts, top_k = 1, 1  # attention only: the FFN as one expert with weight 1 (the dense FFN)
+    if experts is None or top_k is None:
+        raise SurgeryError("--experts and --top-k are required (unless --attention-experts converts attention only)")
+    if not attention_experts and (attention_top_k is not None or shared_heads or head_router != "qnorm"):
+        raise SurgeryError("--attention-top-k, --shared-heads and --head-router need --attention-experts")
     cfg = ConvertConfig(experts=experts, top_k=top_k, shared_experts=shared_experts, method=method, seed=seed,
                         router_init=router_init, score_func=score_func, renormalize=not no_renormalize,
-                        scale=scale, dtype=dtype, max_shard_size=max_shard_size, layer_budgets=layer_budgets)
+                        scale=scale, dtype=dtype, max_shard_size=max_shard_size, layer_budgets=layer_budgets,
+                        attention_experts=attention_experts, attention_top_k=attention_top_k,
+                        shared_heads=shared_heads, head_router=head_router)
     if profile_path is not None:
         from surgery.profile import load_profile
 
         cfg.stats, _ = load_profile(profile_path)
+        if attention_experts:
+            from surgery.attention.profile import load_head_stats
+
+            cfg.head_stats = load_head_stats(profile_path) or {}
+            if not cfg.head_stats:
+                raise SurgeryError(f"--profile {profile_path}: no attention-head statistics for --attention-experts "
+                                   f"(profile with `surgery profile --heads`, or drop --profile)")
     _emit(run_convert(src, out, cfg, overwrite=overwrite), json_path)
 
 
@@ -138,7 +166,8 @@ def eval_group():
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, ...  [default: cuda if available]")
-@click.option("--dense-routing", is_flag=True, help="Run every expert with unit weight (equals the dense model).")
+@click.option("--dense-routing", is_flag=True, help="Run every expert and every head expert with unit weight (equals "
+              "the dense model).")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the result JSON here.")
 @_friendly
 def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device, dense_routing, json_path):
@@ -366,9 +395,11 @@ def export_cmd(model_path, out, fmt, dtype, max_shard_size, perplexity_json, ove
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda  [default: cuda if available]")
+@click.option("--heads", is_flag=True, help="Also per-head attention statistics (a second pass over the same "
+              "tokens) for `surgery convert --attention-experts`: shared heads and the learned head router.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
-def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, device, json_path):
+def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, device, heads, json_path):
     """Stream calibration text through the dense MODEL; write per-layer FFN statistics to OUT (a .pt file).
 
     Keeps a reservoir sample of FFN inputs per layer (activations are recomputed from it) and per-neuron
@@ -380,7 +411,12 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ProfileConfig(tokens=tokens, ctx=ctx, samples=samples, batch_size=batch_size, seed=seed)
-    _emit(run_profile(model_path, out, cfg, data=data, device=device), json_path)
+    result = run_profile(model_path, out, cfg, data=data, device=device)
+    if heads:
+        from surgery.attention.profile import add_head_stats
+
+        result.update(add_head_stats(out, model_path, data, tokens, ctx, samples, seed, device))
+    _emit(result, json_path)
 
 
 @main.command("calibrate")

@@ -32,6 +32,8 @@ class MoEConfig:
     # Per-layer top-k (`--layer-budgets`); empty: every layer routes to routing.top_k. The ks sum to
     # layers * routing.top_k, so routing.top_k is their mean. Each layer's scale follows routing_at_k.
     layer_top_k: list[int] = field(default_factory=list)
+    # Attention heads as experts (surgery/attention/config.py HeadConfig as a dict); empty: attention is dense.
+    attention: dict = field(default_factory=dict)
 
     @property
     def top_k(self) -> int:

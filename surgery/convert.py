@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import surgery
+from surgery.attention import convert as head_convert
 from surgery.atomic import atomic_dir
 from surgery.budgets import candidate_ks, get_budget, layer_errors
 from surgery.checkpoint import TensorSource, ffn_names, file_hash, open_source
@@ -46,10 +47,25 @@ class ConvertConfig:
     # sensitivity (more experts where the profiled routing error drops most; needs stats)
     layer_budgets: str = "uniform"
     stats: dict = field(default_factory=dict, repr=False)  # per-layer profiling statistics, for data methods
+    # Attention heads as experts (surgery/attention/): S shared heads, top-K of the others per token, router
+    # qnorm or learned; head_stats (per-layer HeadStats from `surgery profile --heads`) choose the shared heads
+    # and fit the learned router. attention_top_k None: 75% of the heads active.
+    attention_experts: bool = False
+    attention_top_k: int | None = None
+    shared_heads: int = 0
+    head_router: str = "qnorm"
+    head_stats: dict = field(default_factory=dict, repr=False)
 
     def routing(self) -> RoutingConfig:
         scale = float(self.top_k) if self.scale is None else float(self.scale)
         return RoutingConfig(self.top_k, self.score_func, self.renormalize, scale)
+
+    def plan_heads(self, base: dict):
+        """The HeadConfig of this conversion (None without --attention-experts); raises on bad head flags."""
+        if not self.attention_experts:
+            return None
+        return head_convert.plan_heads(base, self.attention_top_k, self.shared_heads, self.head_router,
+                                       self.head_stats)
 
     def validate(self, width: int) -> None:
         if self.experts < 1:
@@ -117,12 +133,18 @@ def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: boo
     base = source.config
     width, layers = base["intermediate_size"], base["num_hidden_layers"]
     cfg.validate(width)
+    heads = cfg.plan_heads(base)
     dtype = parse_dtype(cfg.dtype) or source.dtype
     moe, sizes = plan_moe_config(cfg, width)
     moe.source = str(src)
     moe.source_hash = file_hash([src] if src.is_file() else source.files + [src / "config.json"])
 
     specs, producers = _plan(source, moe, dtype)
+    head_makers = {}
+    if heads is not None:
+        moe.attention = heads.to_dict()
+        specs += head_convert.head_specs(heads, layers, base["hidden_size"], dtype)
+        head_makers = head_convert.head_makers(heads, layers, base["hidden_size"], cfg.head_stats)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, specs, parse_size(cfg.max_shard_size))
         moe.permutations = [[] for _ in range(layers)]
@@ -131,7 +153,9 @@ def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: boo
         bar = tqdm(total=layers, desc="converting layers", unit="layer", disable=not progress)
         for spec in writer.order:
             layer = producers.get(spec.name)
-            if layer is None:
+            if spec.name in head_makers:
+                t = head_makers.pop(spec.name)()
+            elif layer is None:
                 t = source.get(spec.name)
             else:
                 if spec.name not in pending:
@@ -169,6 +193,7 @@ def convert(src, out, cfg: ConvertConfig, overwrite: bool = False, progress: boo
         "active_ffn_fraction": round(moe.active_ffn_fraction, 6),
         "max_active_ffn_fraction": round(moe.max_active_ffn_fraction, 6),
         **({"layer_top_k": moe.layer_top_k} if moe.layer_top_k else {}),
+        **(head_convert.summary(heads) if heads is not None else {}),
         "checkpoint_bytes": source.total_bytes(),
         "output_bytes": writer.total_bytes,
         "shards": len(writer.names),
@@ -224,6 +249,7 @@ def convert_model(dense, cfg: ConvertConfig, progress: bool = False):
     config = dense.config
     width = config.intermediate_size
     cfg.validate(width)
+    heads = cfg.plan_heads(config.to_dict())
     moe, sizes = plan_moe_config(cfg, width)
     moe.permutations = []
     errors = []
@@ -246,5 +272,8 @@ def convert_model(dense, cfg: ConvertConfig, progress: bool = False):
         del ffn, tensors, mlp
     allocate_budgets(cfg, moe, errors)
     set_layer_routing(dense, moe)
+    if heads is not None:
+        head_convert.convert_heads(dense, heads, cfg.head_stats)
+        moe.attention = heads.to_dict()
     dense.surgery_config = moe
     return dense

@@ -108,6 +108,10 @@ def build_from_state(config_dict: dict, state: dict[str, torch.Tensor], moe: MoE
         model = AutoModelForCausalLM.from_config(config)
         if moe is not None:
             install_moe_blocks(model, moe)
+            if moe.attention:
+                from surgery.attention import HeadConfig, install_head_experts
+
+                install_head_experts(model, HeadConfig.from_dict(moe.attention))
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}

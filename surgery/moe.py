@@ -131,9 +131,13 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
 
 
 def set_dense_routing(model: nn.Module, on: bool = True) -> None:
-    """Switch every MoE block to dense routing (all experts, unit weights) or back to top-k routing."""
+    """Switch every MoE block, and every head-expert attention (surgery/attention/), to dense routing (all
+    experts / heads, unit weights: the dense model) or back to top-k routing."""
     for block in moe_blocks(model):
         block.dense_routing = on
+    for m in model.modules():
+        if getattr(m, "is_head_experts", False):
+            m.dense_routing = on
 
 
 def set_impl(model: nn.Module, impl: str) -> None:
