@@ -32,7 +32,8 @@ from surgery.checkpoint import read_config_dict
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
 from surgery.export import mixtral, native, qwen2_moe
-from surgery.export.common import (EXPORT_KEY, MANIFEST, base_config_dict, check_uniform_top_k, export_block,
+from surgery.export.common import (EXPORT_KEY, MANIFEST, base_config_dict, check_no_head_experts,
+                                   check_uniform_top_k, export_block,
                                    model_card, read_manifest, read_perplexity_json, verify_manifest,
                                    verify_target_config, write_manifest)
 from surgery.modeling import (_load_generation_config, _place, build_from_state, copy_tokenizer_files, parse_dtype,
@@ -67,6 +68,7 @@ def export(model, out, fmt: str, dtype=None, max_shard_size="5GB", overwrite: bo
         raise SurgeryError(f"--format {fmt}: this model was extended (`surgery extend`) with a second pool of "
                            f"experts, which no stock MoE architecture routes; use --format native")
     if fmt != "native":
+        check_no_head_experts(moe, fmt)
         check_uniform_top_k(moe, fmt)
     module.check(model, moe, base)
     dtype = parse_dtype(dtype) or next(model.parameters()).dtype
@@ -147,6 +149,7 @@ def export_model(model_path, out, fmt: str, dtype=None, max_shard_size="5GB", ov
         if read_config_dict(Path(model_path)).get("surgery", {}).get("extensions"):
             raise SurgeryError(f"--format {fmt}: {model_path} was extended (`surgery extend`) with a second pool "
                                f"of experts, which no stock MoE architecture routes; use --format native")
+        check_no_head_experts(read_config_dict(Path(model_path)).get("surgery"), fmt)
     if fmt == "gguf":  # one file for llama.cpp, dense models too: its own writer (surgery/export/gguf.py)
         from surgery.export.gguf import export_gguf
 

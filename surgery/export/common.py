@@ -87,6 +87,14 @@ def decoder_fields(base: dict, architecture: str, model_type: str) -> dict:
     }
 
 
+def check_no_head_experts(moe: MoEConfig | dict | None, fmt: str) -> None:
+    """No stock architecture routes attention heads: refuse a model with head experts (surgery/attention/)."""
+    attention = moe.get("attention") if isinstance(moe, dict) else getattr(moe, "attention", None)
+    if attention:
+        raise SurgeryError(f"--format {fmt}: this model routes its attention heads as experts "
+                           f"(--attention-experts), which no stock architecture does; use --format native")
+
+
 def check_uniform_top_k(moe: MoEConfig, fmt: str) -> None:
     """Stock formats hold one num_experts_per_tok for every layer: refuse per-layer budgets."""
     if not moe.uniform_top_k:

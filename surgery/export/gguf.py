@@ -47,7 +47,8 @@ import torch
 from surgery.atomic import atomic_file
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
-from surgery.export.common import (base_config_dict, check_common, check_uniform_top_k, head_dim, pad_neurons,
+from surgery.export.common import (base_config_dict, check_common, check_no_head_experts, check_uniform_top_k,
+                                   head_dim, pad_neurons,
                                    rope_parameters, sha256_file)
 
 FORMAT = "gguf"
@@ -98,6 +99,7 @@ def layout(model) -> dict:
     moe: MoEConfig | None = getattr(model, "surgery_config", None)
     if moe is None:
         return {"arch": "llama", "moe": None}
+    check_no_head_experts(moe, FORMAT)
     check_uniform_top_k(moe, FORMAT)
     if moe.routing.score_func != "softmax":
         raise SurgeryError(f"--format gguf: this model's router scores experts with {moe.routing.score_func}; "
