@@ -116,6 +116,20 @@ def test_sparse_equals_masked(tmp_path, kv_heads, shared, top_k, router):
     assert torch.allclose(w[:, head_expert_modules(moe)[0].routed].sum(-1), torch.full((63,), float(top_k)))
 
 
+def test_demo_layout_nine_heads_three_kv(tmp_path):
+    """SmolLM2's layout (9 query heads on 3 key/value heads), S = 3, K = 4: invariant and sparse == masked."""
+    src = make_llama(tmp_path / "dense", hidden=72, heads=9, kv_heads=3)
+    convert(src, tmp_path / "moe", heads_cfg(top_k=4, shared=3), progress=False)
+    dense, moe = surgery.load(src), surgery.load(tmp_path / "moe")
+    ids = torch.randint(0, 128, (2, 19))
+    set_impl(moe, "masked")
+    ref = logits(moe, ids)
+    set_impl(moe, "sparse")
+    assert relative_error(logits(moe, ids), ref) <= SPARSE_TOL
+    set_dense_routing(moe, True)
+    assert relative_error(logits(moe, ids), logits(dense, ids)) <= TOL
+
+
 def test_sparse_equals_masked_with_padding_mask(tmp_path):
     src = make_llama(tmp_path / "dense", kv_heads=2)
     convert(src, tmp_path / "moe", heads_cfg(top_k=2, shared=1), progress=False)
