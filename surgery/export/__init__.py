@@ -32,7 +32,7 @@ from surgery.checkpoint import read_config_dict
 from surgery.config import MoEConfig
 from surgery.errors import SurgeryError
 from surgery.export import mixtral, native, qwen2_moe
-from surgery.export.common import (EXPORT_KEY, MANIFEST, base_config_dict, check_no_head_experts,
+from surgery.export.common import (EXPORT_KEY, MANIFEST, base_config_dict, check_no_extensions, check_no_head_experts,
                                    check_uniform_top_k, export_block,
                                    model_card, read_manifest, read_perplexity_json, verify_manifest,
                                    verify_target_config, write_manifest)
@@ -64,10 +64,8 @@ def export(model, out, fmt: str, dtype=None, max_shard_size="5GB", overwrite: bo
     max_bytes = parse_size(max_shard_size)
     info = dict(info or getattr(model, "surgery_export_info", None) or {})
     base = base_config_dict(model)
-    if moe.extensions and fmt != "native":
-        raise SurgeryError(f"--format {fmt}: this model was extended (`surgery extend`) with a second pool of "
-                           f"experts, which no stock MoE architecture routes; use --format native")
     if fmt != "native":
+        check_no_extensions(moe, fmt)
         check_no_head_experts(moe, fmt)
         check_uniform_top_k(moe, fmt)
     module.check(model, moe, base)
@@ -146,10 +144,9 @@ def export_model(model_path, out, fmt: str, dtype=None, max_shard_size="5GB", ov
     from surgery.modeling import load_model
 
     if fmt not in ("native",) and Path(model_path).is_dir() and (Path(model_path) / "config.json").is_file():
-        if read_config_dict(Path(model_path)).get("surgery", {}).get("extensions"):
-            raise SurgeryError(f"--format {fmt}: {model_path} was extended (`surgery extend`) with a second pool "
-                               f"of experts, which no stock MoE architecture routes; use --format native")
-        check_no_head_experts(read_config_dict(Path(model_path)).get("surgery"), fmt)
+        block = read_config_dict(Path(model_path)).get("surgery")
+        check_no_extensions(block, fmt)
+        check_no_head_experts(block, fmt)
     if fmt == "gguf":  # one file for llama.cpp, dense models too: its own writer (surgery/export/gguf.py)
         from surgery.export.gguf import export_gguf
 

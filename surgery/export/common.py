@@ -95,6 +95,14 @@ def check_no_head_experts(moe: MoEConfig | dict | None, fmt: str) -> None:
                            f"(--attention-experts), which no stock architecture does; use --format native")
 
 
+def check_no_extensions(moe: MoEConfig | dict | None, fmt: str) -> None:
+    """No stock architecture routes a second pool of experts: refuse an extended model (`surgery extend`)."""
+    extensions = moe.get("extensions") if isinstance(moe, dict) else getattr(moe, "extensions", None)
+    if extensions:
+        raise SurgeryError(f"--format {fmt}: this model was extended (`surgery extend`) with a second pool of "
+                           f"experts, which no stock MoE architecture routes; use --format native")
+
+
 def check_uniform_top_k(moe: MoEConfig, fmt: str) -> None:
     """Stock formats hold one num_experts_per_tok for every layer: refuse per-layer budgets."""
     if not moe.uniform_top_k:
