@@ -115,18 +115,25 @@ def profile_model(model, ids: torch.Tensor, cfg: ProfileConfig, progress: bool =
         c = _Collector(mlp, cfg.samples, cfg.top_fraction, gen)
         collectors.append(c)
         hooks.append(mlp.register_forward_pre_hook(c))
+    run_hooked(model, wins, cfg.batch_size, hooks, "profiling", progress)
+    return {i: c.result() for i, c in enumerate(collectors)}
+
+
+@torch.no_grad()
+def run_hooked(model, wins: torch.Tensor, batch_size: int, hooks: list, desc: str, progress: bool = True) -> None:
+    """Run `model` over the windows [W, T] in batches, for the side effects of its registered `hooks` (the
+    profilers' collectors); the hooks are removed afterwards, whatever happens."""
     device = next(model.parameters()).device
-    bar = tqdm(total=wins.numel(), desc="profiling", unit="tok", disable=not progress)
+    bar = tqdm(total=wins.numel(), desc=desc, unit="tok", disable=not progress)
     try:
-        for i in range(0, wins.shape[0], cfg.batch_size):
-            batch = wins[i:i + cfg.batch_size].to(device)
+        for i in range(0, wins.shape[0], batch_size):
+            batch = wins[i:i + batch_size].to(device)
             model(input_ids=batch, use_cache=False)
             bar.update(batch.numel())
     finally:
         for h in hooks:
             h.remove()
         bar.close()
-    return {i: c.result() for i, c in enumerate(collectors)}
 
 
 def save_profile(stats: dict[int, LayerStats], path, meta: dict | None = None) -> Path:

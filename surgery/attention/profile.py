@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from surgery.errors import SurgeryError
 
@@ -72,6 +71,7 @@ def profile_heads(model, ids: torch.Tensor, ctx: int = 512, samples: int = 4096,
                   progress: bool = True) -> dict[int, HeadStats]:
     """Run the dense `model` over `ids` (1-D) in windows of ctx; per-layer HeadStats."""
     from surgery.data import windows_of
+    from surgery.profile import run_hooked
 
     wins = windows_of(ids, ctx, short_ok=True)
     stride = max(1, wins.numel() // samples)
@@ -84,17 +84,7 @@ def profile_heads(model, ids: torch.Tensor, ctx: int = 512, samples: int = 4096,
         collectors.append(c)
         hooks.append(attn.register_forward_pre_hook(c.attn_input, with_kwargs=True))
         hooks.append(attn.o_proj.register_forward_pre_hook(c.o_input))
-    device = next(model.parameters()).device
-    bar = tqdm(total=wins.numel(), desc="profiling heads", unit="tok", disable=not progress)
-    try:
-        for i in range(0, wins.shape[0], batch_size):
-            batch = wins[i:i + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-            bar.update(batch.numel())
-    finally:
-        for h in hooks:
-            h.remove()
-        bar.close()
+    run_hooked(model, wins, batch_size, hooks, "profiling heads", progress)
     return {i: c.result() for i, c in enumerate(collectors)}
 
 
