@@ -69,6 +69,10 @@ class EndToEndConfig:
     balance: float = 0.0
     concentration: float = 0.0
     prior_weight: float = 0.0  # prior-approximate loss against each token's oracle experts (costs compute)
+    # Hidden-state distillation: this weight times the mean over decoder layers of losses.block_error between
+    # the student's and the teacher's residual stream after that layer (both forwards compute them anyway), so
+    # that every layer is pulled back onto the teacher's trajectory, not only the logits. 0: logits only.
+    hidden: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # steps
@@ -380,12 +384,18 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 b.routing, b.unit_mix = _routing_at(step, steps, cfg, r, b.num_experts)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 with torch.no_grad():
-                    t_logits = teacher(input_ids=batch, use_cache=False).logits
-                s_logits = student(input_ids=batch, use_cache=False).logits
+                    t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=bool(cfg.hidden))
+                s_out = student(input_ids=batch, use_cache=False, output_hidden_states=bool(cfg.hidden))
+            t_logits, s_logits = t_out.logits, s_out.logits
             loss = losses.kd(s_logits, t_logits, cfg.temperature)
+            if cfg.hidden:  # [1:]: the embeddings are never trained, so index 0 is the same on both sides
+                hid = losses.hidden_distill(s_out.hidden_states[1:], t_out.hidden_states[1:])
+                loss_h = cfg.hidden * hid
+            else:
+                hid, loss_h = None, 0.0
             router_logits = [b.last_router_logits for b in blocks if b.last_router_logits is not None]
             aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
-            total = loss + aux
+            total = loss + aux + loss_h
             opt.zero_grad(set_to_none=True)
             total.backward()
             if cfg.grad_clip:
@@ -400,7 +410,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             ema_kd = loss.item() if ema_kd is None else 0.9 * ema_kd + 0.1 * loss.item()
             history.append({"step": step + 1, "tokens": (step + 1) * batch.numel(), "kd": float(f"{loss.item():.6g}"),
                             "ce": float(f"{ce:.6g}"), "aux": float(f"{float(aux.detach() if torch.is_tensor(aux) else aux):.6g}"),
-                            "top_k": blocks[0].routing.top_k if blocks else 0})
+                            "top_k": blocks[0].routing.top_k if blocks else 0,
+                            **({"hidden": float(f"{hid.item():.6g}")} if hid is not None else {})})
             bar.set_postfix(kd=f"{ema_kd:.4f}", ppl=f"{math.exp(ema_ce):.2f}")
             bar.update(1)
             if ckpt is not None and step + 1 in snap_steps:

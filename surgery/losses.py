@@ -14,6 +14,7 @@ Output losses:
   * block_error       their sum, the layer-wise objective: the pooled error alone is ruled by a few
                       "massive activation" tokens (the first position: in SmolLM2 one token holds 95-100% of
                       the squared FFN output in layers 11 and 28), the per-token error alone lets those drift.
+  * hidden_distill    block_error between student and teacher hidden states, averaged over layers (e2e).
   * kd                KL(teacher || student) on logits at temperature tau, times tau^2 (end-to-end).
 """
 
@@ -72,6 +73,16 @@ def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: 
     s = torch.log_softmax(student_logits.float().reshape(-1, V) / temperature, -1)
     t = torch.log_softmax(teacher_logits.float().reshape(-1, V) / temperature, -1)
     return Fn.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def hidden_distill(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Mean over layers of block_error(student [B, T, D], teacher [B, T, D]): the residual stream after each
+    decoder layer pulled towards the teacher's (pooled and per-token, as the layer-wise objective)."""
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise ValueError(f"hidden_distill: {len(student_hidden)} student vs {len(teacher_hidden)} teacher layers")
+    D = student_hidden[0].shape[-1]
+    errs = [block_error(s.reshape(-1, D), t.reshape(-1, D)) for s, t in zip(student_hidden, teacher_hidden)]
+    return torch.stack(errs).mean()
 
 
 def router_aux(logits_list: list[torch.Tensor], balance: float = 0.0, concentration: float = 0.0) -> torch.Tensor:

@@ -72,6 +72,16 @@ def test_end_to_end_lowers_distillation_loss(pair):
     assert last < first
 
 
+def test_end_to_end_hidden_distillation_pulls_hidden_states_towards_the_teacher(pair):
+    _, teacher, student, ids = pair
+    res = calibrate(student, teacher, None, _e2e_cfg(hidden=1.0), ids=ids, progress=False)
+    hist = res["e2e"]["history"]
+    assert all("hidden" in h and h["hidden"] > 0 for h in hist)
+    assert sum(h["hidden"] for h in hist[-3:]) < sum(h["hidden"] for h in hist[:3])
+    assert sum(h["kd"] for h in hist[-3:]) < sum(h["kd"] for h in hist[:3])
+    assert "hidden" not in calibrate(student, teacher, None, _e2e_cfg(), ids=ids, progress=False)["e2e"]["history"][0]
+
+
 def test_end_to_end_train_all_moves_attention_never_embeddings(tmp_path, pair):
     _, teacher, student, ids = pair
     q0 = student.model.layers[0].self_attn.q_proj.weight.detach().clone()

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from surgery import losses
@@ -74,3 +75,14 @@ def test_router_aux_weights():
     lg = [torch.tensor([[50.0, 0, 0, 0]] * 2)]
     assert losses.router_aux(lg).item() == 0.0
     assert abs(losses.router_aux(lg, balance=2.0).item() - 2 * math.log(4)) < 1e-4
+
+
+def test_hidden_distill_is_mean_block_error_over_layers():
+    g = torch.Generator().manual_seed(3)
+    teacher = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    student = [t + 0.1 * (i + 1) * torch.randn(2, 5, 8, generator=g) for i, t in enumerate(teacher)]
+    assert losses.hidden_distill(teacher, teacher).item() == 0.0
+    want = sum(losses.block_error(s.reshape(-1, 8), t.reshape(-1, 8)) for s, t in zip(student, teacher)) / 3
+    assert torch.allclose(losses.hidden_distill(student, teacher), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="2 student vs 3 teacher"):
+        losses.hidden_distill(student[:2], teacher)
