@@ -1,14 +1,20 @@
 """The sparse head-expert path: work only for the (token, head) pairs the router chose.
 
 Shape legend: B batch, T query tokens, S_k key positions (cache included), D hidden, H query heads,
-G key/value heads, d head dim, n tokens that chose a head.
+G key/value heads, d head dim, n tokens that chose a head, C rows per chunk, L keys a chunk can see.
 
 Keys and values are dense and shared (computed and cached for every token by the caller); only queries are
 sparse. Shared heads run as one dense attention over every token. For each routed head h, the tokens that
 chose it are gathered: their query rows of q_proj (unless the qnorm router already computed every query),
 their scores against h's key/value group, their weighted values, and their slice of o_proj, added back with
-index_add_. Prefill loops over batch rows (keys of one row, no gather of keys); decode (T = 1) gathers each
-selected token's keys instead, so a batch is one matmul per head.
+index_add_.
+  * Prefill: a batch row's gathered queries are in position order, so they are cut into chunks of CHUNK rows
+    and each chunk attends (scaled_dot_product_attention, a fused kernel that keeps no T x S_k score matrix)
+    only to the keys up to the last one any of its rows may see: about half the keys on average, as a
+    causal dense attention skips, instead of all S_k for every gathered row.
+  * Decode (T = 1): each selected token's keys are gathered instead, so a batch is one matmul per head.
+  * On CUDA with Triton (and no attention mask): one kernel launch attends every selected (token, head) pair
+    (surgery_kernels/head_attention.py); projections and routing weights stay here.
 """
 
 from __future__ import annotations
@@ -32,17 +38,46 @@ def keep_mask(attention_mask, b: int, t_BT: torch.Tensor, T: int, S_k: int, devi
     return rows > torch.finfo(rows.dtype).min / 2  # additive mask: 0 keep, min(dtype) drop
 
 
+CHUNK = 256  # gathered query rows per attention call in prefill: small enough that a chunk's last row sees
+#              few keys more than its first, large enough to keep the fused attention kernel busy
+
+
 def _attend(q_nd, k_nSd, v_nSd, keep_nS, scaling):
-    """softmax(q k^T * scaling, masked) v, one query per row; k/v [S, d] shared or [n, S, d] per query."""
+    """softmax(q k^T * scaling, masked) v, one query per row; k/v [S, d] shared by the rows (the fused sdpa
+    kernel, no score matrix kept) or [n, S, d] per row (decode)."""
     if k_nSd.dim() == 2:
-        scores = (q_nd @ k_nSd.T) * scaling
-    else:
-        scores = torch.bmm(k_nSd, q_nd.unsqueeze(-1)).squeeze(-1) * scaling
+        return Fn.scaled_dot_product_attention(q_nd[None], k_nSd[None], v_nSd[None], attn_mask=keep_nS[None],
+                                               scale=scaling)[0]
+    scores = torch.bmm(k_nSd, q_nd.unsqueeze(-1)).squeeze(-1) * scaling
     scores = scores.float().masked_fill(~keep_nS, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(v_nSd.dtype)
-    if v_nSd.dim() == 2:
-        return probs @ v_nSd
     return torch.bmm(probs.unsqueeze(1), v_nSd).squeeze(1)
+
+
+def prefix_keep(attention_mask, b: int, t_C: torch.Tensor, T: int, S_k: int, device) -> torch.Tensor:
+    """keep_mask for the queries t_C (ascending) of batch row b, cut after the last key any of them keeps:
+    [C, L] bool. A row that keeps no key at all (a padding query) keeps them all instead, so that it stays
+    finite (its output is never used, but NaN would reach other rows through later layers' values)."""
+    if attention_mask is None:
+        L = S_k - T + int(t_C[-1]) + 1
+        return torch.arange(L, device=device)[None, :] <= (S_k - T + t_C)[:, None]
+    keep = keep_mask(attention_mask, b, t_C, T, S_k, device)
+    cols = keep.any(0).nonzero()
+    keep = keep[:, :int(cols[-1]) + 1 if cols.numel() else 1]
+    empty = ~keep.any(-1)
+    return keep | empty[:, None] if empty.any() else keep
+
+
+def _attend_prefill(q_nd, k_Sd, v_Sd, attention_mask, b, t_n, T, scaling):
+    """One head's gathered queries of one batch row (positions t_n ascending) against that row's keys,
+    CHUNK rows at a time, each chunk against only the keys it can see."""
+    S_k = k_Sd.shape[0]
+    o = torch.empty_like(q_nd)
+    for i in range(0, len(t_n), CHUNK):
+        keep = prefix_keep(attention_mask, b, t_n[i:i + CHUNK], T, S_k, q_nd.device)
+        L = keep.shape[1]
+        o[i:i + CHUNK] = _attend(q_nd[i:i + CHUNK], k_Sd[:L], v_Sd[:L], keep, scaling)
+    return o
 
 
 def sparse_attention(attn, x_BTD, q_full, k_BGSd, v_BGSd, cos, sin, attention_mask, weights_TK, ids_TK):
@@ -82,8 +117,13 @@ def sparse_attention(attn, x_BTD, q_full, k_BGSd, v_BGSd, cos, sin, attention_ma
         cols = torch.cat([torch.arange(h * d, (h + 1) * d, device=x_BTD.device) for h in sh])
         y_TD = y_TD + Fn.linear(out.transpose(1, 2).reshape(B * T, len(sh) * d), Wo[:, cols])
 
+    if attention_mask is None and _use_kernel(attn, x_BTD):
+        y_TD = y_TD + _routed_by_kernel(attn, query, k_BGSd, v_BGSd, weights_TK, ids_TK, T)
+        routed = []
+    else:
+        routed = attn.routed
     # Routed heads: per head, only the tokens that chose it.
-    for r, h in enumerate(attn.routed):
+    for r, h in enumerate(routed):
         hit = ids_TK == r  # [B*T, K]
         tok = hit.any(-1).nonzero().squeeze(-1)
         if tok.numel() == 0:
@@ -97,16 +137,54 @@ def sparse_attention(attn, x_BTD, q_full, k_BGSd, v_BGSd, cos, sin, attention_ma
                               for i, b in enumerate(b_n.tolist())]) if attention_mask is not None else \
                 torch.ones(len(tok), S_k, dtype=torch.bool, device=x_BTD.device)
             o = _attend(q, k_BGSd[b_n, g], v_BGSd[b_n, g], keep, attn.scaling)
-        else:
+        else:  # tok is ascending, so each batch row's tokens are one contiguous run of rows, in position order
             o = torch.empty(len(tok), d, dtype=q.dtype, device=q.device)
-            for b in range(B):
-                sel = (b_n == b).nonzero().squeeze(-1)
-                if sel.numel() == 0:
-                    continue
-                keep = keep_mask(attention_mask, b, t_n[sel], T, S_k, x_BTD.device)
-                o[sel] = _attend(q[sel], k_BGSd[b, g], v_BGSd[b, g], keep, attn.scaling)
+            start = 0
+            for b, count in enumerate(torch.bincount(b_n, minlength=B).tolist()):
+                if count:
+                    rows = slice(start, start + count)
+                    o[rows] = _attend_prefill(q[rows], k_BGSd[b, g], v_BGSd[b, g], attention_mask, b, t_n[rows],
+                                              T, attn.scaling)
+                start += count
         o = o * w.to(o.dtype)[:, None]
         y_TD.index_add_(0, tok, Fn.linear(o, Wo[:, h * d:(h + 1) * d]))
     if attn.o_proj.bias is not None:
         y_TD = y_TD + attn.o_proj.bias
     return y_TD.view(B, T, D)
+
+
+def _use_kernel(attn, x) -> bool:
+    """The Triton pair-attention kernel: `attn.sparse_kernel` "auto" (CUDA with triton), "triton" (always; on
+    CPU only under TRITON_INTERPRET=1, for tests) or "torch" (never)."""
+    kernel = getattr(attn, "sparse_kernel", "auto")
+    if kernel == "auto":
+        from surgery_kernels.ops import triton_available
+
+        return x.is_cuda and triton_available()
+    return kernel == "triton"
+
+
+def _routed_by_kernel(attn, query, k_BGSd, v_BGSd, weights_TK, ids_TK, T):
+    """Every routed head's selected tokens attended in one kernel launch (causal, no padding mask); the query
+    rows, routing weights and o_proj slices per head in PyTorch, as in the loop above. Returns [B*T, D]."""
+    from surgery_kernels.head_attention import pair_attention
+
+    d, group, S_k = attn.head_dim, attn.heads // attn.kv_heads, k_BGSd.shape[2]
+    toks, qs, ws, gs = [], [], [], []
+    for r, h in enumerate(attn.routed):
+        hit = ids_TK == r
+        tok = hit.any(-1).nonzero().squeeze(-1)
+        toks.append(tok)
+        ws.append((weights_TK * hit).sum(-1)[tok])
+        qs.append(query(h, tok))
+        gs.append(torch.full_like(tok, h // group))
+    tok_N = torch.cat(toks)
+    o_N = pair_attention(torch.cat(qs), tok_N // T, torch.cat(gs), S_k - T + tok_N % T, k_BGSd, v_BGSd,
+                         attn.scaling)
+    y_TD = torch.zeros(weights_TK.shape[0], attn.o_proj.weight.shape[0], dtype=o_N.dtype, device=o_N.device)
+    start = 0
+    for h, tok, w in zip(attn.routed, toks, ws):
+        o = o_N[start:start + len(tok)] * w.to(o_N.dtype)[:, None]
+        y_TD.index_add_(0, tok, Fn.linear(o, attn.o_proj.weight[:, h * d:(h + 1) * d]))
+        start += len(tok)
+    return y_TD
