@@ -1,6 +1,9 @@
 """Evaluate: end-to-end tokens/s of a dense and a converted model on the same runtime.
 
-Prefill: forward passes over batch x sequence tokens. Decode: greedy steps with a static KV cache, one token
+Prefill: forward passes over batch x sequence tokens. Long-context prefill (`prefill_ctx`, batch 1): the
+whole model, and its attention modules alone ("attention" rows: every layer's self_attn fed the hidden
+states the dense model gives it, the same inputs for dense and converted, so the attention cost is measured
+without the FFN's and the routing sees real activations). Decode: greedy steps with a static KV cache, one token
 per sequence per step, at several batch sizes. On CUDA the decode step is compiled with CUDA graphs
 (torch.compile mode="reduce-overhead") for dense and converted alike, so that the comparison measures
 sparsity, not Python and launch overhead (stock `generate` spends most of its time there at batch 1).
@@ -22,6 +25,7 @@ class ThroughputConfig:
     new_tokens: int = 32
     warmup: int = 2
     repeats: int = 3
+    prefill_ctx: list[int] = field(default_factory=list)  # batch-1 contexts: attention alone and whole model
     runtime: str = "auto"  # "auto": graphs on CUDA, eager elsewhere; "eager"; "graphs"
 
 
@@ -40,20 +44,96 @@ def _static_cache(model, batch: int, length: int, device, dtype):
         return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)
 
 
-@torch.no_grad()
-def prefill_tokens_per_second(model, batch: int, seq: int, cfg: ThroughputConfig) -> float:
-    device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+def _timed(run, device, cfg: ThroughputConfig) -> list[float]:
+    """Seconds of each of cfg.repeats calls of run(), after cfg.warmup untimed ones."""
     for _ in range(cfg.warmup):
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        run()
     _sync(device)
     times = []
     for _ in range(cfg.repeats):
         t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        run()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return batch * seq / sorted(times)[len(times) // 2]
+    return times
+
+
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
+def _prefill_ids(model, batch: int, seq: int, seed: int = 0):
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)  # the same tokens for dense and converted
+    return torch.randint(0, model.config.vocab_size, (batch, seq), generator=g).to(device)
+
+
+@torch.no_grad()
+def prefill_times(model, batch: int, seq: int, cfg: ThroughputConfig) -> list[float]:
+    ids = _prefill_ids(model, batch, seq)
+    return _timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), ids.device, cfg)
+
+
+def prefill_tokens_per_second(model, batch: int, seq: int, cfg: ThroughputConfig) -> float:
+    return batch * seq / _median(prefill_times(model, batch, seq, cfg))
+
+
+@torch.no_grad()
+def attention_inputs(dense, seq: int) -> list[dict]:
+    """Per layer, the keyword inputs the dense model's self_attn gets in a batch-1 prefill of `seq` tokens:
+    hidden_states [1, seq, D] and position_embeddings, with no mask (causal) and no cache."""
+    ids = _prefill_ids(dense, 1, seq)
+    layers = dense.model.layers
+    got: list[dict] = [{} for _ in layers]
+
+    def grab(i):
+        def hook(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+            got[i].update(hidden_states=x, position_embeddings=pe)
+        return hook
+
+    handles = [layer.self_attn.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        dense(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+@torch.no_grad()
+def attention_times(model, inputs: list[dict], cfg: ThroughputConfig) -> list[float]:
+    """Seconds for every layer's attention module, each fed its recorded inputs (the layers run one after
+    another, as in a forward pass, but on the same inputs whatever the model)."""
+    attns = [layer.self_attn for layer in model.model.layers]
+    device = inputs[0]["hidden_states"].device
+
+    def run():
+        for attn, kw in zip(attns, inputs):
+            attn(hidden_states=kw["hidden_states"], position_embeddings=kw["position_embeddings"],
+                 attention_mask=None)
+    return _timed(run, device, cfg)
+
+
+def _row(name: str, phase: str, seq: int, times: list[float]) -> dict:
+    return {"model": name, "phase": phase, "batch": 1, "seq": seq, "tokens_per_second": round(seq / _median(times), 2),
+            "median_seconds": round(_median(times), 6), "seconds": [round(t, 6) for t in times]}
+
+
+def long_prefill_rows(models: dict, cfg: ThroughputConfig) -> list[dict]:
+    """For each context in cfg.prefill_ctx: attention alone (inputs from the first model, the dense one) and
+    the whole-model prefill, for every model in `models` ({name: model})."""
+    rows = []
+    first = next(iter(models.values()))
+    for seq in cfg.prefill_ctx:
+        inputs = attention_inputs(first, seq)
+        for name, model in models.items():
+            rows.append(_row(name, "attention", seq, attention_times(model, inputs, cfg)))
+        del inputs
+        for name, model in models.items():
+            rows.append(_row(name, "prefill", seq, prefill_times(model, 1, seq, cfg)))
+    return rows
 
 
 @torch.no_grad()
@@ -113,6 +193,7 @@ def compare(dense, converted, cfg: ThroughputConfig, label: str, others: dict | 
     rows = bench_model(dense, "dense", cfg) + bench_model(converted, "converted", cfg)
     for name, model in (others or {}).items():
         rows += bench_model(model, name, cfg)
+    rows += long_prefill_rows({"dense": dense, "converted": converted, **(others or {})}, cfg)
     by_key = {(r["phase"], r["batch"], r["seq"]): r["tokens_per_second"] for r in rows if r["model"] == "dense"}
     for r in rows:
         if r["model"] != "dense":
@@ -126,10 +207,31 @@ def compare(dense, converted, cfg: ThroughputConfig, label: str, others: dict | 
         "path": "triton kernels" if device.type == "cuda" else "PyTorch CPU inference path (kernels/cpu_moe.py)",
         "dtype": str(next(converted.parameters()).dtype).removeprefix("torch."),
         "active_ffn_fraction": round(moe.active_ffn_fraction, 4) if moe else None,
+        "attention": _attention_summary(converted),
         "config": asdict(cfg),
         "versions": versions(),
         "rows": rows,
     }
+
+
+def _attention_summary(model) -> dict | None:
+    """The converted model's head experts (None without them) and the sparse path that ran."""
+    from surgery.attention import head_expert_modules
+
+    mods = head_expert_modules(model)
+    if not mods:
+        return None
+    m = mods[0]
+    return {"heads": m.heads, "kv_heads": m.kv_heads, "shared_heads": len(m.shared), "top_k": m.top_k,
+            "active_head_fraction": round((len(m.shared) + m.top_k) / m.heads, 4), "router": m.router_kind,
+            "path": "triton pair attention (kernels/head_attention.py)" if _kernel_runs(model)
+            else "PyTorch sparse path (surgery/attention/sparse.py)"}
+
+
+def _kernel_runs(model) -> bool:
+    from surgery_kernels.ops import triton_available
+
+    return next(model.parameters()).is_cuda and triton_available()
 
 
 def versions() -> dict:
@@ -182,6 +284,18 @@ def stock_mixtral_like(converted_config, experts: int, top_k: int):
                          num_key_value_heads=c.num_key_value_heads, vocab_size=c.vocab_size,
                          max_position_embeddings=c.max_position_embeddings, num_local_experts=experts,
                          num_experts_per_tok=top_k, tie_word_embeddings=c.tie_word_embeddings)
+
+
+def llama32_1b_config(layers: int | None = None):
+    """Llama-3.2-1B's shape: 32 query heads on 8 key/value heads of 64 dims (the issue's grouped-query case)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers or 16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True)
+
+
+SYNTHETIC = {"llama2-7b": lambda layers: llama2_7b_config(layers), "llama3.2-1b": lambda layers: llama32_1b_config(layers)}
 
 
 def llama2_7b_config(layers: int | None = None):

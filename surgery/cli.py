@@ -281,25 +281,37 @@ def bench_llamacpp_cmd(dense, converted, dtypes, threads, repeats, prompt, decod
 @click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path())
 @click.option("--dense", "dense_path", type=click.Path(), help="Dense model to compare with  [default: the "
               "converted model's recorded source]")
-@click.option("--synthetic", type=click.Choice(["llama2-7b"]), help="Instead of MODEL: a random-weight model of "
-              "this shape, converted in memory with --experts/--top-k.")
+@click.option("--synthetic", type=click.Choice(["llama2-7b", "llama3.2-1b"]), help="Instead of MODEL: a "
+              "random-weight model of this shape, converted in memory with --experts/--top-k (and head experts "
+              "with --attention-experts).")
 @click.option("--layers", type=int, default=None, help="With --synthetic: fewer layers (smoke tests).")
 @click.option("--experts", "-E", type=int, default=16, show_default=True, help="With --synthetic.")
 @click.option("--top-k", "-K", type=int, default=4, show_default=True, help="With --synthetic (16/4: 25% active).")
 @click.option("--device", default=None, help="cpu, cuda  [default: cuda if available]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="[default: bfloat16 on CUDA, float32 on CPU]")
-@click.option("--prefill", default="1x512,8x512", show_default=True, help="BATCHxSEQ prefill shapes.")
-@click.option("--decode-batch", default="1,8,64", show_default=True, help="Decode batch sizes.")
+@click.option("--prefill", default="1x512,8x512", show_default=True, help="BATCHxSEQ prefill shapes ('' for none).")
+@click.option("--prefill-ctx", default="", help="Batch-1 contexts such as 2048,4096: the attention modules alone "
+              "(fed the dense model's hidden states) and the whole-model prefill.")
+@click.option("--decode-batch", default="1,8,64", show_default=True, help="Decode batch sizes ('' for none).")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed runs before each measurement.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per measurement (median kept).")
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Decode steps timed per batch.")
 @click.option("--runtime", type=click.Choice(["auto", "eager", "graphs"]), default="auto", show_default=True,
               help="auto: CUDA graphs (torch.compile reduce-overhead) on CUDA, eager on CPU.")
+@click.option("--attention-experts", is_flag=True, help="With --synthetic: query heads as experts too.")
+@click.option("--attention-top-k", type=int, default=None, help="With --attention-experts  [default: 75% of the "
+              "heads active]")
+@click.option("--shared-heads", type=int, default=0, show_default=True, help="With --attention-experts.")
+@click.option("--head-router", type=click.Choice(["qnorm", "learned"]), default="qnorm", show_default=True,
+              help="With --attention-experts (learned: random router weights, it is only timed).")
 @click.option("--stock", is_flag=True, help="With --synthetic: also stock transformers' MixtralForCausalLM of the "
               "converted model's shape (random weights), on the same runtime.")
 @click.option("--json", "json_path", type=click.Path(), required=True, help="Where to write the results JSON.")
 @_friendly
-def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, device, dtype, prefill,
-                    decode_batch, new_tokens, runtime, stock, json_path):
+def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, device, dtype, prefill, prefill_ctx,
+                    decode_batch, warmup, repeats, new_tokens, runtime, attention_experts, attention_top_k,
+                    shared_heads, head_router, stock, json_path):
     """End-to-end tokens/s, dense against converted on the same runtime: prefill (batch x sequence) and
     decode with a static KV cache. Give a converted MODEL (its dense source is found from its config), or
     --synthetic llama2-7b for a random-weight 7B-shaped model converted in memory (GPU)."""
@@ -307,23 +319,35 @@ def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, d
 
     from surgery.convert import ConvertConfig, convert_model
     from surgery.modeling import load_model
-    from surgery_evals.throughput import (ThroughputConfig, compare, llama2_7b_config, random_dense_model,
-                                          stock_mixtral_like)
+    from surgery_evals.throughput import SYNTHETIC, ThroughputConfig, compare, random_dense_model, stock_mixtral_like
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if warmup < 0 or repeats < 1:
+        raise SurgeryError(f"--warmup {warmup} / --repeats {repeats}: need warmup >= 0 and repeats >= 1")
+    ctx = _int_list(prefill_ctx, "--prefill-ctx")
+    if any(c < 1 for c in ctx):
+        raise SurgeryError(f"--prefill-ctx {prefill_ctx!r}: contexts must be positive")
     cfg = ThroughputConfig(prefill=_prefill_list(prefill), decode_batches=_int_list(decode_batch, "--decode-batch"),
-                           new_tokens=new_tokens, runtime=runtime)
+                           new_tokens=new_tokens, runtime=runtime, warmup=warmup, repeats=repeats, prefill_ctx=ctx)
+    if (attention_experts or attention_top_k is not None or shared_heads) and not synthetic:
+        raise SurgeryError("--attention-experts, --attention-top-k and --shared-heads go with --synthetic (a "
+                           "converted MODEL has its heads already)")
     if synthetic:
         from surgery.modeling import parse_dtype
 
+        shape = SYNTHETIC[synthetic]
+        heads = dict(attention_experts=True, attention_top_k=attention_top_k, shared_heads=shared_heads,
+                     head_router=head_router) if attention_experts else {}
         # Two random models of the same shape: throughput does not depend on the weights' values.
-        dense = random_dense_model(llama2_7b_config(layers), device, parse_dtype(dtype))
-        converted = convert_model(random_dense_model(llama2_7b_config(layers), device, parse_dtype(dtype)),
-                                  ConvertConfig(experts=experts, top_k=top_k))
+        dense = random_dense_model(shape(layers), device, parse_dtype(dtype))
+        converted = convert_model(random_dense_model(shape(layers), device, parse_dtype(dtype)),
+                                  ConvertConfig(experts=experts, top_k=top_k, **heads))
+        if attention_experts and head_router == "learned":
+            _randomise_head_routers(converted)
         others = {}
         if stock:
-            others["stock-mixtral"] = random_dense_model(stock_mixtral_like(llama2_7b_config(layers), experts, top_k),
+            others["stock-mixtral"] = random_dense_model(stock_mixtral_like(shape(layers), experts, top_k),
                                                          device, parse_dtype(dtype))
         result = compare(dense, converted, cfg, label=f"synthetic {synthetic}, E{experts} K{top_k}", others=others)
     else:
@@ -338,7 +362,21 @@ def bench_model_cmd(model_path, dense_path, synthetic, layers, experts, top_k, d
         dense_path = dense_path or moe.source
         dense = load_model(dense_path, dtype=dtype, device=device)
         result = compare(dense, converted, cfg, label=f"{model_path} vs {dense_path}")
+    result["command"] = " ".join(["surgery", *sys.argv[1:]])
     _emit(result, json_path)
+
+
+def _randomise_head_routers(model) -> None:
+    """Random learned routers (a zero-initialised one sends every token to the same heads), for timing."""
+    import torch
+
+    from surgery.attention import head_expert_modules
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in head_expert_modules(model):
+            m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g) * m.router.weight.shape[1] ** -0.5)
+            m.router.bias.zero_()
 
 
 @main.command("export")
