@@ -69,13 +69,14 @@ def random_pairs(B, G, S_k, T, N, d, dtype=torch.float32, device="cpu", seed=0):
 
 # ---- the chunked CPU prefill path -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunk", [1, 7, 256])
+@pytest.mark.parametrize("chunks", [(1,), (7,), (256,), (8, 3), (16, 4, 2)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_prefill_chunks_match_naive(monkeypatch, chunk, masked):
-    """One head's gathered queries (a random subset of positions, ascending) against a row's keys, in chunks
-    that each see only the keys up to their last row; with a KV cache offset (S_k > T) and a padding mask."""
-    monkeypatch.setattr(sparse_mod, "CHUNK", chunk)
-    g = torch.Generator().manual_seed(chunk)
+def test_prefill_chunks_match_naive(monkeypatch, chunks, masked):
+    """One head's gathered queries (a random subset of positions, ascending) against a row's keys, with a KV
+    cache offset (S_k > T): blocks of rows at one or more levels (flash path), or chunks under a padding mask."""
+    monkeypatch.setattr(sparse_mod, "CHUNKS", chunks)
+    monkeypatch.setattr(sparse_mod, "CHUNK", chunks[-1])
+    g = torch.Generator().manual_seed(len(chunks) * 100 + chunks[0])
     T, S_k, d = 50, 61, 16
     t_n = torch.randperm(T, generator=g)[:31].sort().values
     q, k, v = torch.randn(31, d, generator=g), torch.randn(S_k, d, generator=g), torch.randn(S_k, d, generator=g)
@@ -92,15 +93,21 @@ def test_prefill_chunks_match_naive(monkeypatch, chunk, masked):
     assert (o.double() - ref).abs().max() <= 1e-5
 
 
-def test_prefill_chunk_sees_only_its_keys(monkeypatch):
-    """The work really is causal: every chunk's key count is its last row's position + 1, not S_k."""
-    monkeypatch.setattr(sparse_mod, "CHUNK", 4)
+@pytest.mark.parametrize("chunks,flash_keys", [((4,), [1, 12, 91]), ((4, 2), [1, 4, 12, 19, 91])])
+def test_prefill_blocks_see_only_their_keys(monkeypatch, chunks, flash_keys):
+    """The work really is causal: a block's flash part reads the keys from the band's start up to its first
+    row's position, never the rest of S_k (the key counts per flash call, worked out by hand)."""
+    monkeypatch.setattr(sparse_mod, "CHUNKS", chunks)
     seen = []
-    real = sparse_mod._attend
-    monkeypatch.setattr(sparse_mod, "_attend", lambda q, k, *a: seen.append((q.shape[0], k.shape[0])) or real(q, k, *a))
+    real = sparse_mod._flash
+    monkeypatch.setattr(sparse_mod, "_flash", lambda q, k, *a, **kw: seen.append(k.shape[2]) or real(q, k, *a, **kw))
     t_n = torch.tensor([0, 3, 4, 10, 11, 12, 30, 31, 90])
-    sparse_mod._attend_prefill(torch.randn(9, 8), torch.randn(100, 8), torch.randn(100, 8), None, 0, t_n, 100, 1.0)
-    assert seen == [(4, 11), (4, 32), (1, 91)]
+    q, k, v = torch.randn(9, 8), torch.randn(100, 8), torch.randn(100, 8)
+    o = sparse_mod._attend_prefill(q, k, v, None, 0, t_n, 100, 1.0)
+    assert seen == flash_keys
+    ref = naive_pairs(q, torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long), t_n, k[None, None],
+                      v[None, None], 1.0)
+    assert (o.double() - ref).abs().max() <= 1e-5
 
 
 def heads_model(tmp_path, top_k, shared, router="learned", kv_heads=2, heads=4, hidden=64, seed=0):
@@ -126,8 +133,9 @@ def model_logits(moe, ids, impl, kernel="torch", **kw):
 
 @pytest.mark.parametrize("router", ["qnorm", "learned"])
 def test_sparse_equals_masked_at_longer_context(tmp_path, monkeypatch, router):
-    """T = 300 (several chunks per head at CHUNK 32), batch 2 with left padding in one row."""
+    """T = 300 (several blocks per head at two levels, CHUNK 32 with the mask), batch 2, left padding."""
     monkeypatch.setattr(sparse_mod, "CHUNK", 32)
+    monkeypatch.setattr(sparse_mod, "CHUNKS", (64, 16))
     moe = heads_model(tmp_path, top_k=2, shared=1, router=router)
     ids = torch.randint(1, 128, (2, 300), generator=torch.Generator().manual_seed(1))
     ref = model_logits(moe, ids, "masked")

@@ -8,10 +8,12 @@ sparse. Shared heads run as one dense attention over every token. For each route
 chose it are gathered: their query rows of q_proj (unless the qnorm router already computed every query),
 their scores against h's key/value group, their weighted values, and their slice of o_proj, added back with
 index_add_.
-  * Prefill: a batch row's gathered queries are in position order, so they are cut into chunks of CHUNK rows
-    and each chunk attends (scaled_dot_product_attention, a fused kernel that keeps no T x S_k score matrix)
-    only to the keys up to the last one any of its rows may see: about half the keys on average, as a
-    causal dense attention skips, instead of all S_k for every gathered row.
+  * Prefill: a batch row's gathered queries are in position order, so each part of them attends only to the
+    keys it can see (about half the keys on average, as a causal dense attention skips, instead of all S_k
+    for every gathered row). Without a padding mask, on CPU: blocks of rows, the keys before a block's first
+    row through the fused flash kernel (no score matrix kept, no mask), the band after it recursively in
+    smaller blocks down to a small masked block, merged by log-sum-exp. With a mask: chunks of CHUNK rows
+    by masked sdpa over the keys up to the chunk's last row.
   * Decode (T = 1): each selected token's keys are gathered instead, so a batch is one matmul per head.
   * On CUDA with Triton (and no attention mask): one kernel launch attends every selected (token, head) pair
     (surgery_kernels/head_attention.py); projections and routing weights stay here.
@@ -38,8 +40,10 @@ def keep_mask(attention_mask, b: int, t_BT: torch.Tensor, T: int, S_k: int, devi
     return rows > torch.finfo(rows.dtype).min / 2  # additive mask: 0 keep, min(dtype) drop
 
 
-CHUNK = 256  # gathered query rows per attention call in prefill: small enough that a chunk's last row sees
-#              few keys more than its first, large enough to keep the fused attention kernel busy
+CHUNK = 256  # gathered query rows per masked sdpa call in prefill (with a padding mask): small enough that a
+#              chunk's last row sees few keys more than its first, large enough to keep the kernel busy
+CHUNKS = (512, 64)  # row blocks per level of the CPU flash path (no mask): large blocks keep the flash kernel
+#                     efficient on the long prefix, smaller ones cut the band after each block's first row
 
 
 def _attend(q_nd, k_nSd, v_nSd, keep_nS, scaling):
@@ -68,10 +72,58 @@ def prefix_keep(attention_mask, b: int, t_C: torch.Tensor, T: int, S_k: int, dev
     return keep | empty[:, None] if empty.any() else keep
 
 
+# The CPU flash kernel behind sdpa, called directly because it also returns each row's log-sum-exp (sdpa with a
+# mask falls back to the unfused math path on CPU: scores materialised, several passes; twice the time here).
+_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _leaf(q_Cd, pos_C, k_Sd, v_Sd, lo, scaling):
+    """(output float32 [C, d], log-sum-exp [C]) of rows at positions pos_C over keys lo..pos (one masked score
+    block); a row with no such key gives output 0 and lse -inf."""
+    hi = int(pos_C[-1]) + 1
+    s = (q_Cd.float() @ k_Sd[lo:hi].float().T) * scaling
+    s.masked_fill_(torch.arange(lo, hi, device=s.device)[None, :] > pos_C[:, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = (s - torch.where(torch.isfinite(lse), lse, 0.0)[:, None]).exp()
+    return p @ v_Sd[lo:hi].float(), lse
+
+
+def _causal_rows(q_Cd, pos_C, k_Sd, v_Sd, lo, scaling, sizes):
+    """(output float32, lse) of rows at positions pos_C (ascending, distinct) attending causally to keys lo..pos.
+    Rows are cut into blocks of sizes[0]: the keys lo..(block's first position), seen by all its rows, go
+    through the fused flash kernel (no mask, no score matrix kept); the band after them, up to the block's
+    last position, recurses with the next size, down to a small masked block. Parts merge by log-sum-exp."""
+    if not sizes:
+        return _leaf(q_Cd, pos_C, k_Sd, v_Sd, lo, scaling)
+    outs, lses = [], []
+    for i in range(0, len(pos_C), sizes[0]):
+        q, pos = q_Cd[i:i + sizes[0]], pos_C[i:i + sizes[0]]
+        p0, p1 = int(pos[0]), int(pos[-1])
+        o = lse = None
+        if p0 >= lo:
+            o, lse = _flash(q[None, None], k_Sd[None, None, lo:p0 + 1], v_Sd[None, None, lo:p0 + 1], 0.0, False,
+                            scale=scaling)
+            o, lse = o[0, 0].float(), lse[0, 0]
+        if p1 > p0:
+            ob, lb = _causal_rows(q, pos, k_Sd, v_Sd, max(lo, p0 + 1), scaling, sizes[1:])
+            if o is None:
+                o, lse = ob, lb
+            else:
+                total = torch.logaddexp(lse, lb)
+                o = o * (lse - total).exp()[:, None] + ob * (lb - total).exp()[:, None]
+                lse = total
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
 def _attend_prefill(q_nd, k_Sd, v_Sd, attention_mask, b, t_n, T, scaling):
-    """One head's gathered queries of one batch row (positions t_n ascending) against that row's keys,
-    CHUNK rows at a time, each chunk against only the keys it can see."""
+    """One head's gathered queries of one batch row (positions t_n ascending) against that row's keys, each
+    part against only the keys it can see: by flash blocks and bands on CPU without a mask, else CHUNK rows at
+    a time by masked sdpa over the chunk's keys."""
     S_k = k_Sd.shape[0]
+    if attention_mask is None and _flash is not None and q_nd.device.type == "cpu":
+        return _causal_rows(q_nd, S_k - T + t_n, k_Sd, v_Sd, 0, scaling, CHUNKS)[0].to(q_nd.dtype)
     o = torch.empty_like(q_nd)
     for i in range(0, len(t_n), CHUNK):
         keep = prefix_keep(attention_mask, b, t_n[i:i + CHUNK], T, S_k, q_nd.device)
