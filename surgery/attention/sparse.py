@@ -42,7 +42,7 @@ def keep_mask(attention_mask, b: int, t_BT: torch.Tensor, T: int, S_k: int, devi
 
 CHUNK = 256  # gathered query rows per masked sdpa call in prefill (with a padding mask): small enough that a
 #              chunk's last row sees few keys more than its first, large enough to keep the kernel busy
-CHUNKS = (512, 64)  # row blocks per level of the CPU flash path (no mask): large blocks keep the flash kernel
+CHUNKS = (1024, 128)  # row blocks per level of the CPU flash path (no mask): large blocks keep the flash kernel
 #                     efficient on the long prefix, smaller ones cut the band after each block's first row
 
 
