@@ -274,39 +274,54 @@ def _windows(ids: torch.Tensor, ctx: int, tokens: int) -> torch.Tensor:
     return windows_of(ids[:max(tokens, ctx)], ctx)
 
 
+def layerwise_inputs(inner, ids: torch.Tensor, cfg: LayerwiseConfig, device):
+    """What layer-wise calibration starts from: the windows' embeddings (float32) and the per-window constants
+    (rotary position embeddings, causal mask, position ids) every layer reuses. `inner` is the LlamaModel."""
+    wins = _windows(ids, cfg.ctx, cfg.tokens).to(device)
+    T = wins.shape[1]
+    position_ids = torch.arange(T, device=device)[None]
+    h = inner.embed_tokens(wins).float()
+    return h, (inner.rotary_emb(h, position_ids), _causal_mask(T, device), position_ids)
+
+
+@torch.no_grad()
+def layerwise_step(layer, teacher_mlp, h: torch.Tensor, consts, cfg: LayerwiseConfig, seed: int, l: int,
+                   fit: bool = True):
+    """One decoder layer of layer-wise calibration: its MoE block (layer.mlp) is fitted to `teacher_mlp` (the
+    dense FFN) on the inputs the student gives it, then the student's hidden states move on through the fitted
+    block. Returns (next hidden states, report or None when fit is False: a layer done before a resume)."""
+    pos_emb, mask, position_ids = consts
+    mids, xs = [], []
+    for a, b in _chunks(h.shape[0], max(1, 4096 // h.shape[1])):
+        m, x = _layer_parts(layer, h[a:b], pos_emb, mask, position_ids)
+        mids.append(m)
+        xs.append(x)
+    h_mid, x = torch.cat(mids), torch.cat(xs)
+    x_ND = x.reshape(-1, x.shape[-1])
+    r = None
+    if fit:
+        target = teacher_mlp(x_ND.to(next(teacher_mlp.parameters()).dtype)).float()
+        with torch.enable_grad():
+            r = calibrate_block(layer.mlp, x_ND, target, cfg, seed=seed * 1000 + l)
+        r["layer"] = l
+    return h_mid + layer.mlp(x_ND).reshape(h_mid.shape).float(), r
+
+
 @torch.no_grad()
 def run_layerwise(student, teacher, ids: torch.Tensor, cfg: LayerwiseConfig, seed: int = 0,
                   ckpt: Path | None = None, start_layer: int = 0, progress: bool = True) -> list[dict]:
     device = next(student.parameters()).device
-    wins = _windows(ids, cfg.ctx, cfg.tokens).to(device)
-    W, T = wins.shape
-    inner = student.model
-    position_ids = torch.arange(T, device=device)[None]
-    h = inner.embed_tokens(wins).float()
-    pos_emb = inner.rotary_emb(h, position_ids)
-    mask = _causal_mask(T, device)
-    chunk = max(1, 4096 // T)
+    h, consts = layerwise_inputs(student.model, ids, cfg, device)
     report = []
-    layers = inner.layers
+    layers = student.model.layers
     bar = tqdm(total=len(layers), desc="layer-wise", unit="layer", disable=not progress)
     for l, layer in enumerate(layers):
-        mids, xs = [], []
-        for a, b in _chunks(W, chunk):
-            m, x = _layer_parts(layer, h[a:b], pos_emb, mask, position_ids)
-            mids.append(m)
-            xs.append(x)
-        h_mid, x = torch.cat(mids), torch.cat(xs)
-        x_ND = x.reshape(-1, x.shape[-1])
-        if l >= start_layer:
-            target = _teacher_ffn(teacher, l)(x_ND.to(next(teacher.parameters()).dtype)).float()
-            with torch.enable_grad():
-                r = calibrate_block(layer.mlp, x_ND, target, cfg, seed=seed * 1000 + l)
-            r["layer"] = l
+        h, r = layerwise_step(layer, _teacher_ffn(teacher, l), h, consts, cfg, seed, l, fit=l >= start_layer)
+        if r is not None:
             report.append(r)
             bar.set_postfix(err=f"{r['before']:.3f}->{r['after']:.3f}")
             if ckpt is not None:
                 _save_ckpt(ckpt, {"stage": "layerwise", "next_layer": l + 1, "report": report}, student)
-        h = h_mid + layer.mlp(x_ND).reshape(h_mid.shape).float()
         bar.update(1)
     bar.close()
     return report

@@ -717,3 +717,49 @@ def extend_cmd(model_path, out, data, new_experts, new_top_k, init, tokens, lr, 
     cfg = ExtendConfig(new_experts=new_experts, init=init, top_k=new_top_k, tokens=tokens, lr=lr, balance=balance,
                        concentration=concentration, memory_tokens=memory_tokens, router_lr=router_lr, seed=seed)
     _emit(run_extend(model_path, out, data, cfg, memory, device, overwrite), json_path)
+
+
+@main.command("stream")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--experts", "-E", type=int, required=True, help="Routed experts per layer.")
+@click.option("--top-k", "-K", type=int, required=True, help="Experts each token is routed to.")
+@click.option("--shared-experts", "-S", type=int, default=0, show_default=True)
+@click.option("--method", default="random", show_default=True, help="Neuron clustering (see `convert`).")
+@click.option("--router-init", default="centroid", show_default=True, help="centroid or fitted (on the profile).")
+@click.option("--profile-tokens", type=int, default=1024, show_default=True, help="Profiling tokens (0: skip).")
+@click.option("--samples", type=int, default=4096, show_default=True, help="FFN inputs kept per layer.")
+@click.option("--calibrate-tokens", type=int, default=1024, show_default=True, help="Layer-wise tokens.")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Window length (profile and calibration).")
+@click.option("--router-steps", type=int, default=300, show_default=True, help="Router fitting steps per layer.")
+@click.option("--expert-epochs", type=float, default=0.0, show_default=True,
+              help="Passes training experts with the router (0: router only).")
+@click.option("--data", default=None, help="Text or JSONL file  [default: WikiText-2 valid]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Output dtype  [default: the checkpoint's; computation is float32]")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--restart", is_flag=True, help="Discard an unfinished run's work folder (.OUT.stream) instead of "
+              "resuming it.")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
+@_friendly
+def stream_cmd(model_path, out, experts, top_k, shared_experts, method, router_init, profile_tokens, samples,
+               calibrate_tokens, ctx, router_steps, expert_epochs, data, seed, dtype, overwrite, restart, json_path):
+    """Profile, convert and layer-wise calibrate MODEL with one decoder layer in memory at a time.
+
+    For checkpoints larger than memory: each layer is read from the (sharded) safetensors folder, profiled
+    on the dense model's hidden states, converted, fitted on the student's own hidden states and written
+    to its own shard. Rerun the same command after a kill to resume at the next unfinished layer. On a
+    float32 checkpoint the result equals `profile` + `convert` + layer-wise `calibrate` bit for bit.
+    """
+    from surgery.calibrate import LayerwiseConfig
+    from surgery.convert import ConvertConfig
+    from surgery.profile import ProfileConfig
+    from surgery.stream import StreamConfig, run_stream
+
+    conv = ConvertConfig(experts=experts, top_k=top_k, shared_experts=shared_experts, method=method,
+                         router_init=router_init, router_steps=router_steps, dtype=dtype)
+    prof = ProfileConfig(tokens=profile_tokens, ctx=ctx, samples=samples) if profile_tokens > 0 else None
+    lw = LayerwiseConfig(tokens=calibrate_tokens, ctx=ctx, router_steps=router_steps, expert_epochs=expert_epochs)
+    cfg = StreamConfig(convert=conv, layerwise=lw, profile=prof, seed=seed, data=data)
+    _emit(run_stream(model_path, out, cfg, overwrite=overwrite, restart=restart), json_path)

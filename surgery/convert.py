@@ -241,11 +241,24 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def moe_block(tensors: list, moe: MoEConfig, hidden: int, like: torch.Tensor):
+    """A MoEBlock (dtype and device of `like`) holding convert_layer's tensors."""
+    from surgery.moe import MoEBlock
+
+    new = MoEBlock(hidden, moe.num_experts, moe.expert_width, moe.shared_width, moe.routing,
+                   dtype=like.dtype, device=like.device)
+    params = [new.router.weight, new.experts.gate_proj, new.experts.up_proj, new.experts.down_proj]
+    if moe.shared_width:
+        params += list(new.shared_expert.weights())
+    with torch.no_grad():
+        for p, t in zip(params, tensors):
+            p.copy_(t)
+    return new
+
+
 def convert_model(dense, cfg: ConvertConfig, progress: bool = False):
     """Convert a dense model already in memory (any device), in place: each layer's `mlp` becomes a MoEBlock.
     Used for benchmarks on synthetic models and by tests; `convert` is the streaming path for checkpoints."""
-    from surgery.moe import MoEBlock
-
     config = dense.config
     width = config.intermediate_size
     cfg.validate(width)
@@ -258,16 +271,7 @@ def convert_model(dense, cfg: ConvertConfig, progress: bool = False):
         ffn = FFNWeights(mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data)
         tensors, perm, err = convert_layer(ffn, cfg, sizes, layer, moe)
         errors.append(err)
-        weight = mlp.gate_proj.weight
-        new = MoEBlock(config.hidden_size, moe.num_experts, moe.expert_width, moe.shared_width, moe.routing,
-                       dtype=weight.dtype, device=weight.device)
-        params = [new.router.weight, new.experts.gate_proj, new.experts.up_proj, new.experts.down_proj]
-        if moe.shared_width:
-            params += list(new.shared_expert.weights())
-        with torch.no_grad():
-            for p, t in zip(params, tensors):
-                p.copy_(t)
-        block.mlp = new
+        block.mlp = moe_block(tensors, moe, config.hidden_size, mlp.gate_proj.weight)
         moe.permutations.append(perm)
         del ffn, tensors, mlp
     allocate_budgets(cfg, moe, errors)

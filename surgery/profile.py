@@ -196,3 +196,25 @@ def run_profile(model_path, out, cfg: ProfileConfig, data=None, device="cpu", dt
     save_profile(stats, out, meta)
     return {**meta, "output": str(out), "layers": len(stats), "samples_per_layer": int(stats[0].inputs.shape[0]),
             "bytes": Path(out).stat().st_size}
+
+
+class LayerCollector(_Collector):
+    """A _Collector for one layer profiled on its own (surgery/stream.py), drawing the same reservoir random
+    numbers as profile_model: there every layer's collector shares one generator and, per batch, layers draw
+    in order, so this one skips the draws of the `index` layers before it and the layers after it."""
+
+    def __init__(self, mlp, cfg: ProfileConfig, index: int, layers: int):
+        super().__init__(mlp, cfg.samples, cfg.top_fraction, torch.Generator().manual_seed(cfg.seed))
+        self.index, self.layers = index, layers
+
+    def _skip(self, draws: int, times: int) -> None:
+        for _ in range(times):  # one call per layer: the same sequence as the shared generator's
+            torch.rand(draws, generator=self.gen, dtype=torch.float64)
+
+    def _reservoir(self, x: torch.Tensor) -> None:
+        draws = x.shape[0] - min(self.samples - self.filled, x.shape[0])  # every layer draws as many
+        if draws > 0:
+            self._skip(draws, self.index)
+        super()._reservoir(x)
+        if draws > 0:
+            self._skip(draws, self.layers - 1 - self.index)
