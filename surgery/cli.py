@@ -573,10 +573,6 @@ def quality_table_cmd(folder, as_json):
     click.echo(json.dumps(quality_rows(folder), indent=2) if as_json else quality_table(folder), nl=not as_json)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---- modularity: what a domain uses, prune, extend (issue 12) -----------------------------------------
 
 @main.group("experts")
@@ -763,3 +759,31 @@ def stream_cmd(model_path, out, experts, top_k, shared_experts, method, router_i
     lw = LayerwiseConfig(tokens=calibrate_tokens, ctx=ctx, router_steps=router_steps, expert_epochs=expert_epochs)
     cfg = StreamConfig(convert=conv, layerwise=lw, profile=prof, seed=seed, data=data)
     _emit(run_stream(model_path, out, cfg, overwrite=overwrite, restart=restart), json_path)
+
+
+@main.command("synthetic")
+@click.argument("out", type=click.Path())
+@click.option("--layers", type=int, default=32, show_default=True, help="Decoder layers (Llama-2-7B: 32).")
+@click.option("--shrink", type=int, default=1, show_default=True,
+              help="Divide hidden size, FFN width and vocabulary by this (heads kept): a small model for tests.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
+@_friendly
+def synthetic_cmd(out, layers, shrink, dtype, seed, max_shard_size, overwrite, json_path):
+    """Write a Llama-2-7B-shaped dense checkpoint with random weights at OUT (13.5 GB at 32 layers, bf16).
+
+    Hidden 4096, FFN 11008, 32 heads, vocabulary 32000, sharded safetensors with index, config.json and a
+    byte-level tokenizer; written one tensor at a time (peak memory ~ the largest tensor). For benchmarks
+    of `surgery stream`: `surgery synthetic runs/llama7b-4l --layers 4`.
+    """
+    from surgery.synthetic import SyntheticConfig, write_synthetic
+
+    cfg = SyntheticConfig(layers=layers, shrink=shrink, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
+    _emit(write_synthetic(out, cfg, overwrite=overwrite), json_path)
+
+
+if __name__ == "__main__":
+    main()

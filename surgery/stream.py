@@ -97,10 +97,17 @@ class StageMeter:
     def __init__(self):
         self.last: dict[str, float] = {}  # the latest seconds of each stage
         self.peaks: dict[str, int] = {}  # each stage's peak RSS over this process
+        self.layer_peak = 0  # the peak of the stages since it was last zeroed (one layer's)
         self.peak = _vm("VmHWM")
+
+    def read_peak(self) -> int:
+        """The process's peak so far: every reading before a reset is kept, so nothing between stages is lost."""
+        self.peak = max(self.peak, _vm("VmHWM"))
+        return self.peak
 
     @contextmanager
     def stage(self, name: str):
+        self.read_peak()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -109,8 +116,9 @@ class StageMeter:
         t0 = time.perf_counter()
         yield
         peak = _vm("VmHWM")
-        self.peak = max(self.peak, peak)
+        self.read_peak()
         self.peaks[name] = max(self.peaks.get(name, 0), peak)
+        self.layer_peak = max(self.layer_peak, peak)
         self.last[name] = round(time.perf_counter() - t0, 3)
 
 
@@ -255,13 +263,15 @@ def run_stream(src, out, cfg: StreamConfig, overwrite: bool = False, restart: bo
         shutil.rmtree(work, ignore_errors=True)
     state = _load_state(work, fingerprint)
     n_shards = L + 2  # the embeddings, one per layer, then the final norm and head
-    meter = StageMeter()
     skel = Skeleton(base)
+    meter = StageMeter()
+    baseline = _vm("VmRSS")  # Python, torch, transformers' Llama code and the tokenizer: no weight read yet
     moe, sizes = plan_moe_config(cfg.convert, width)
     if state is None:
         work.mkdir(parents=True, exist_ok=True)
-        with meter.stage("read"):
+        with meter.stage("hash"):  # the source's identity in the output's config, as `convert` records it
             source_hash = file_hash(source.files + [src / "config.json"])
+        with meter.stage("read"):
             skel.load_embeddings(source)
         with meter.stage("write"):
             emb = {"model.embed_tokens.weight": skel.inner.embed_tokens.weight}
@@ -283,6 +293,7 @@ def run_stream(src, out, cfg: StreamConfig, overwrite: bool = False, restart: bo
     bar = tqdm(total=L, initial=resumed_at, desc="streaming layers", unit="layer", disable=not progress)
     for l in range(resumed_at, L):
         meter.last.clear()
+        meter.layer_peak = 0
         with meter.stage("read"):
             layer = skel.load_layer(source, l)
             layer.requires_grad_(False)
@@ -311,6 +322,7 @@ def run_stream(src, out, cfg: StreamConfig, overwrite: bool = False, restart: bo
             del tensors
         for name, secs in meter.last.items():  # this layer's seconds per stage, kept across a resume
             state["stages"].setdefault(name, []).append(secs)
+        state.setdefault("layer_peaks", []).append(meter.layer_peak)  # peak RSS of read..write of this layer
         state.update(next_layer=l + 1, h_prof=h_prof, h_cal=h_cal)
         state["permutations"].append(perm)
         state["report"].append(report)
@@ -326,7 +338,9 @@ def run_stream(src, out, cfg: StreamConfig, overwrite: bool = False, restart: bo
     t_finish = time.perf_counter()
     _finish(src, out, work, source, skel, cfg, moe, state, out_dtype, n_shards, meter, overwrite)
     summary = _summary(src, out, cfg, moe, state, meter, resumed_at, time.time() - t_start)
-    summary["setup_seconds"] = state["setup_seconds"]  # embeddings: read, hash, write
+    meter.read_peak()
+    summary["peak_rss_bytes"], summary["baseline_rss_bytes"] = meter.peak, baseline
+    summary["setup_seconds"] = state["setup_seconds"]  # source hash; embeddings read and written
     summary["finish_seconds"] = round(time.perf_counter() - t_finish, 3)  # final norm/head, index, config
     return summary
 
@@ -394,6 +408,6 @@ def _summary(src, out, cfg, moe, state, meter, resumed_at, seconds) -> dict:
         "profile_tokens": cfg.profile.tokens if cfg.profile else 0,
         "calibrate_tokens": moe.calibration["layerwise_tokens"],
         "layer_errors": [{"layer": r["layer"], "before": r["before"], "after": r["after"]} for r in state["report"]],
-        "stages": stages, "seconds": round(seconds, 2), "peak_rss_bytes": meter.peak,
-        "version": surgery.__version__,
+        "stages": stages, "layer_peak_rss_bytes": state.get("layer_peaks", []),  # this process's layers' peaks
+        "seconds": round(seconds, 2), "version": surgery.__version__,
     }
