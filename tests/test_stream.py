@@ -75,8 +75,10 @@ def test_streamed_equals_in_memory_bit_for_bit(tmp_path, dense, text_file):
     assert (tmp_path / "moe" / "model.safetensors.index.json").is_file()
 
 
-def test_streamed_equals_in_memory_without_profiling(tmp_path, dense, text_file):
-    """The default conversion (random clusters, centroid routers) needs no profile: that stage is skipped."""
+def test_streamed_equals_in_memory_without_profiling(tmp_path, text_file):
+    """The default conversion (random clusters, centroid routers) needs no profile: that stage is skipped.
+    Tied embeddings (no lm_head tensor) as the demo model has them."""
+    dense = make_llama(tmp_path / "tied", hidden=64, ffn=96, layers=2, tied=True)
     cfg = replace(_config(method="random", router_init="centroid", shared_experts=0), profile=None,
                   data=str(text_file))
     summary = run_stream(dense, tmp_path / "moe", cfg, progress=False)
