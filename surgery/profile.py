@@ -89,8 +89,13 @@ class _Collector:
             idx = torch.arange(self.seen + take + 1, self.seen + n + 1, dtype=torch.float64)
             slots = (torch.rand(n - take, generator=self.gen, dtype=torch.float64) * idx).long()
             keep = slots < self.samples
-            rows = x[take:][keep]
-            self.reservoir[slots[keep]] = rows  # later tokens overwrite earlier ones, as in the serial form
+            rows, slots = x[take:][keep], slots[keep]
+            # Later tokens overwrite earlier ones, as in the serial form. index_put with repeated indices is
+            # unordered across threads, so only each slot's last writer is kept: the same sample at any count.
+            last = torch.full((self.samples,), -1, dtype=torch.long).scatter_reduce(
+                0, slots, torch.arange(slots.numel()), reduce="amax")
+            last = last[last >= 0]
+            self.reservoir[slots[last]] = rows[last]
 
     def result(self) -> LayerStats:
         n = max(self.seen, 1)
