@@ -353,7 +353,10 @@ def _epoch_order(n: int, steps: int, batch_size: int, g: torch.Generator) -> tor
 
 
 def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, seed: int = 0,
-                   ckpt: Path | None = None, resume_blob: dict | None = None, progress: bool = True) -> dict:
+                   ckpt: Path | None = None, resume_blob: dict | None = None, progress: bool = True,
+                   dist=None) -> dict:
+    """With `dist` (surgery/distributed.py, under torchrun) student and teacher are sharded here and each
+    rank runs its slice of every global batch; without it this is the single-process loop."""
     device = next(student.parameters()).device
     wins = windows_of(ids, cfg.ctx)
     if wins.shape[0] == 0:
@@ -373,11 +376,21 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         for p in ps:
             p.requires_grad_(True)
         params += ps
+    if dist is not None:
+        dist.check_batch(cfg.batch_size)
+        dist.shard(student)
+        dist.shard(teacher)
+        params = [p for p in student.parameters() if p.requires_grad]  # the sharded stand-ins
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     start, history, snaps = 0, [], []
     elapsed0 = 0.0
     if resume_blob is not None and resume_blob["state"].get("stage") == "e2e":
-        opt.load_state_dict(resume_blob["optimizer"])
+        if "dcp" in resume_blob:  # written under torchrun: weights and optimizer in torch.distributed.checkpoint
+            from surgery.distributed import load_checkpoint as load_dcp
+
+            load_dcp(ckpt, resume_blob, student, opt, cfg.train == "all")
+        else:
+            opt.load_state_dict(resume_blob["optimizer"])
         start = resume_blob["state"]["step"]
         history = resume_blob["state"].get("history", [])
         snaps = resume_blob["state"].get("snapshots", [])
@@ -393,14 +406,15 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     try:
         for step in range(start, steps):
             batch = wins[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
+            mine = batch if dist is None else dist.local(batch)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, cfg)
             for b, r in zip(blocks, base_routing):
                 b.routing, b.unit_mix = _routing_at(step, steps, cfg, r, b.num_experts)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 with torch.no_grad():
-                    t_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=bool(cfg.hidden))
-                s_out = student(input_ids=batch, use_cache=False, output_hidden_states=bool(cfg.hidden))
+                    t_out = teacher(input_ids=mine, use_cache=False, output_hidden_states=bool(cfg.hidden))
+                s_out = student(input_ids=mine, use_cache=False, output_hidden_states=bool(cfg.hidden))
             t_logits, s_logits = t_out.logits, s_out.logits
             loss = losses.kd(s_logits, t_logits, cfg.temperature)
             if cfg.hidden:  # [1:]: the embeddings are never trained, so index 0 is the same on both sides
@@ -420,20 +434,33 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 b.last_router_logits = None
             with torch.no_grad():
                 V = s_logits.shape[-1]
-                ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].float().reshape(-1, V), batch[:, 1:].reshape(-1)).item()
+                ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].float().reshape(-1, V), mine[:, 1:].reshape(-1)).item()
+            kd, aux_v = loss.item(), float(aux.detach() if torch.is_tensor(aux) else aux)
+            hid_v = hid.item() if hid is not None else None
+            if dist is not None:  # each rank's numbers are means over equal token counts
+                kd, ce, aux_v, hid_v = dist.mean([kd, ce, aux_v, hid_v or 0.0])
             ema_ce = ce if ema_ce is None else 0.9 * ema_ce + 0.1 * ce
-            ema_kd = loss.item() if ema_kd is None else 0.9 * ema_kd + 0.1 * loss.item()
-            history.append({"step": step + 1, "tokens": (step + 1) * batch.numel(), "kd": float(f"{loss.item():.6g}"),
-                            "ce": float(f"{ce:.6g}"), "aux": float(f"{float(aux.detach() if torch.is_tensor(aux) else aux):.6g}"),
+            ema_kd = kd if ema_kd is None else 0.9 * ema_kd + 0.1 * kd
+            history.append({"step": step + 1, "tokens": (step + 1) * batch.numel(), "kd": float(f"{kd:.6g}"),
+                            "ce": float(f"{ce:.6g}"), "aux": float(f"{aux_v:.6g}"),
                             "top_k": blocks[0].routing.top_k if blocks else 0,
-                            **({"hidden": float(f"{hid.item():.6g}")} if hid is not None else {})})
+                            **({"hidden": float(f"{hid_v:.6g}")} if hid is not None else {})})
             bar.set_postfix(kd=f"{ema_kd:.4f}", ppl=f"{math.exp(ema_ce):.2f}")
             bar.update(1)
             if ckpt is not None and step + 1 in snap_steps:
-                snaps.append(_save_snapshot(ckpt, student, step + 1, steps, time.time() - t0, cfg.train == "all"))
+                full = dist.full_state(student) if dist is not None else None
+                if dist is None or dist.main:
+                    snaps.append(_save_snapshot(ckpt, student, step + 1, steps, time.time() - t0, cfg.train == "all",
+                                                full))
             if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
-                _save_ckpt(ckpt, {"stage": "e2e", "step": step + 1, "history": history, "snapshots": snaps,
-                                  "seconds": round(time.time() - t0, 2)}, student, opt, all_layers=cfg.train == "all")
+                state = {"stage": "e2e", "step": step + 1, "history": history, "snapshots": snaps,
+                         "seconds": round(time.time() - t0, 2)}
+                if dist is None:
+                    _save_ckpt(ckpt, state, student, opt, all_layers=cfg.train == "all")
+                else:
+                    from surgery.distributed import save_checkpoint as save_dcp
+
+                    save_dcp(ckpt, state, student, opt, cfg.train == "all", dist)
     finally:
         for b, r in zip(blocks, base_routing):
             b.routing, b.unit_mix = r, 0.0
@@ -444,18 +471,24 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             "history": history, "snapshots": snaps}
 
 
-def _save_snapshot(ckpt: Path, model, step: int, steps: int, seconds: float, all_layers: bool) -> dict:
-    """The trained weights at `step`, for a perplexity-against-calibration-time curve."""
+def _save_snapshot(ckpt: Path, model, step: int, steps: int, seconds: float, all_layers: bool,
+                   full: dict | None = None) -> dict:
+    """The trained weights at `step`, for a perplexity-against-calibration-time curve (`full`: the gathered
+    state of a sharded model)."""
     path = Path(ckpt) / f"snapshot-{step:06d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
+    keep = "model.layers." if all_layers else ".mlp."
+    state = _moe_state(model, all_layers) if full is None else {k: v for k, v in full.items() if keep in k}
     with atomic_file(path) as tmp:
-        torch.save(_moe_state(model, all_layers), tmp)
+        torch.save(state, tmp)
     return {"step": step, "fraction": round(step / steps, 4), "seconds": round(seconds, 2), "path": str(path)}
 
 
 def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | None = None, resume: bool = False,
-              progress: bool = True, ids: torch.Tensor | None = None) -> dict:
-    """Calibrate `student` (a converted model in memory) against `teacher` (its dense source) in place."""
+              progress: bool = True, ids: torch.Tensor | None = None, dist=None) -> dict:
+    """Calibrate `student` (a converted model in memory) against `teacher` (its dense source) in place.
+    With `dist` (under torchrun) every rank runs the layer-wise stage in full (it is sequential over layers;
+    rank 0's result is then broadcast) and the end-to-end stage on its share of each batch, sharded."""
     from surgery.profile import calibration_ids
 
     if not moe_blocks(student):
@@ -470,7 +503,7 @@ def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | No
         ids = calibration_ids(tokenizer, cfg.data, need, teacher, cfg.seed, progress)
     blob = load_checkpoint(ckpt) if (resume and ckpt is not None) else None
     state = blob["state"] if blob else {}
-    if blob:
+    if blob and "params" in blob:  # a DCP checkpoint (torchrun) is loaded after sharding, in run_end_to_end
         missing = student.load_state_dict(blob["params"], strict=False)
         if missing.unexpected_keys:
             raise SurgeryError(f"{ckpt}: checkpoint does not match this model")
@@ -481,14 +514,17 @@ def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | No
     if cfg.layerwise is not None and state.get("stage") != "e2e":
         start = state.get("next_layer", 0) if state.get("stage") == "layerwise" else 0
         prior = state.get("report", []) if start else []
-        rep = run_layerwise(student, teacher, ids, cfg.layerwise, cfg.seed, ckpt, start, progress)
+        main = dist is None or dist.main
+        rep = run_layerwise(student, teacher, ids, cfg.layerwise, cfg.seed, ckpt if main else None, start, progress)
+        if dist is not None:
+            dist.broadcast_from_main([t for b in moe_blocks(student) for t in b.parameters()])
         result["layerwise"] = {"layers": prior + rep, "tokens": int(_windows(ids, cfg.layerwise.ctx, cfg.layerwise.tokens).numel()),
                                "seconds": round(time.time() - t0, 2)}
     elif state.get("stage") == "e2e":
         result["layerwise"] = {"resumed": True}
     t1 = time.time()
     if cfg.e2e is not None:
-        result["e2e"] = run_end_to_end(student, teacher, ids, cfg.e2e, cfg.seed, ckpt, blob, progress)
+        result["e2e"] = run_end_to_end(student, teacher, ids, cfg.e2e, cfg.seed, ckpt, blob, progress, dist)
     set_impl(student, "auto")
     result["seconds"] = round(time.time() - t0, 2)
     result["e2e_seconds"] = round(time.time() - t1, 2)
@@ -503,24 +539,41 @@ def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | No
 
 def run_calibrate(model_path, out, teacher_path, cfg: CalibrateConfig, device="cpu", resume=False,
                   overwrite=False, progress=True) -> dict:
-    """`surgery calibrate`: load, calibrate, write the calibrated model to OUT (native format)."""
+    """`surgery calibrate`: load, calibrate, write the calibrated model to OUT (native format). Under torchrun
+    (WORLD_SIZE > 1) the same, across processes (surgery/distributed.py): rank 0 alone logs and writes."""
+    from surgery.distributed import from_env
     from surgery.modeling import load_model, load_tokenizer, save_converted
 
     out = Path(out)
     if out.exists() and not (overwrite or resume):
         raise SurgeryError(f"{out}: already exists (choose another path or pass --overwrite)")
-    tokenizer = load_tokenizer(model_path)
-    student = load_model(model_path, device=device)
-    teacher = load_model(teacher_path, dtype=next(student.parameters()).dtype, device=device)
-    ckpt = out.parent / f"{out.name}.ckpt"
-    result = calibrate(student, teacher, tokenizer, cfg, ckpt, resume, progress)
-    save_converted(student, out, tokenizer_from=model_path, overwrite=True)
+    dist = from_env(device)
+    try:
+        if dist is not None:
+            device = dist.device
+        main = dist is None or dist.main
+        tokenizer = load_tokenizer(model_path)
+        student = load_model(model_path, device=device)
+        teacher = load_model(teacher_path, dtype=next(student.parameters()).dtype, device=device)
+        ckpt = out.parent / f"{out.name}.ckpt"
+        result = calibrate(student, teacher, tokenizer, cfg, ckpt, resume, progress and main, dist=dist)
+        # Sharded (the end-to-end stage ran): gather the full weights on rank 0; else every rank holds them.
+        state = dist.full_state(student) if dist is not None and cfg.e2e is not None else None
+        if main:
+            save_converted(student, out, tokenizer_from=model_path, overwrite=True, state=state)
+        if dist is not None:
+            result["processes"] = dist.world
+            dist.barrier()  # OUT is complete before any rank returns
+    finally:
+        if dist is not None:
+            dist.close()
     result["output"] = str(out)
     result["checkpoint"] = str(ckpt)
     hist = result.get("e2e", {}).pop("history", None)
     if hist:
         result["e2e"]["first_kd"] = hist[0]["kd"]
         result["e2e"]["last_kd"] = hist[-1]["kd"]
-        (ckpt).mkdir(parents=True, exist_ok=True)
-        (ckpt / "history.json").write_text(json.dumps(hist) + "\n")
+        if main:
+            (ckpt).mkdir(parents=True, exist_ok=True)
+            (ckpt / "history.json").write_text(json.dumps(hist) + "\n")
     return result

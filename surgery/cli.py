@@ -24,7 +24,10 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except SurgeryError as e:
-            click.echo(f"error: {e}", err=True)
+            from surgery.distributed import env_rank
+
+            if env_rank() == 0:  # under torchrun every rank fails alike: say it once
+                click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -491,6 +494,10 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
     1. layer-wise, on the student's own inputs, layer after layer: each MoE block is fitted to the dense
        FFN's output (routers on cached expert outputs; experts too with --expert-epochs);
     2. end-to-end: KL from the teacher's logits, MoE parameters only, with optional router losses.
+
+    \b
+    Across processes, the same flags: torchrun --nproc-per-node N -m surgery calibrate ... (FSDP2; gloo on
+    CPU, nccl on CUDA; --batch-size is the global batch, split evenly over the N processes).
     """
     import torch
 
@@ -502,7 +509,11 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
     e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, balance=balance,
                          concentration=concentration) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
-    _emit(run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite), json_path)
+    result = run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite)
+    from surgery.distributed import env_rank
+
+    if env_rank() == 0:  # under torchrun: rank 0 reports
+        _emit(result, json_path)
 
 
 @main.command("run")

@@ -196,10 +196,11 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def save_converted(model, out, tokenizer_from=None, max_shard_size="5GB", overwrite=False) -> Path:
-    """Write a converted model in the native format, atomically."""
+def save_converted(model, out, tokenizer_from=None, max_shard_size="5GB", overwrite=False, state=None) -> Path:
+    """Write a converted model in the native format, atomically (`state`: its full state dict, gathered from a
+    sharded model; default model.state_dict())."""
     moe: MoEConfig = model.surgery_config
-    state = {k: v for k, v in model.state_dict().items()
+    state = {k: v for k, v in (model.state_dict() if state is None else state).items()
              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
     cfg = model.config.to_dict()
     cfg["surgery"] = moe.to_dict()
