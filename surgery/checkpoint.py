@@ -179,6 +179,13 @@ class TensorSource:
 def open_folder(folder: Path) -> TensorSource:
     cfg = read_config_dict(folder)
     check_llama_like(cfg, str(folder))
+    source = open_tensors(folder, cfg)
+    check_ffn_tensors(source, str(folder))
+    return source
+
+
+def open_tensors(folder: Path, cfg: dict) -> TensorSource:
+    """Lazy access to any safetensors folder's tensors (dense or converted), nothing read yet."""
     files = safetensors_files(folder)
     infos: dict[str, TensorInfo] = {}
     for f in files:
@@ -188,9 +195,7 @@ def open_folder(folder: Path) -> TensorSource:
             if name != "__metadata__":
                 infos[name] = TensorInfo(tuple(meta["shape"]), _ST_DTYPES[meta["dtype"]], f,
                                          data_start + meta["data_offsets"][0])
-    source = TensorSource(cfg, infos, files)
-    check_ffn_tensors(source, str(folder))
-    return source
+    return TensorSource(cfg, infos, files)
 
 
 def check_ffn_tensors(source: TensorSource, where: str) -> None:

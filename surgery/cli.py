@@ -171,10 +171,13 @@ def eval_group():
 @click.option("--device", default=None, help="cpu, cuda, ...  [default: cuda if available]")
 @click.option("--dense-routing", is_flag=True, help="Run every expert and every head expert with unit weight (equals "
               "the dense model).")
+@click.option("--stream", is_flag=True, help="For a model larger than memory: layer by layer over all windows, one "
+              "layer's weights read at a time (dense or converted folders). Same result; reports peak memory.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the result JSON here.")
 @_friendly
-def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device, dense_routing, json_path):
-    """Perplexity of MODEL (dense folder, .gguf, converted or exported folder) on non-overlapping windows."""
+def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device, dense_routing, stream, json_path):
+    """Perplexity of MODEL (dense folder, .gguf, converted or exported folder) on non-overlapping windows.
+    The result's peak_rss_mb is this process's peak resident memory."""
     import torch
 
     from surgery.data import DEFAULT_EVAL, read_text
@@ -186,10 +189,19 @@ def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device
     data = data or str(DEFAULT_EVAL)
     read_text(data)  # fail on a bad --data before spending time loading the model
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=dtype, device=device)
-    if dense_routing:
-        set_dense_routing(model, True)
-    result = perplexity(model, tokenizer, data, max_tokens, ctx, batch_size)
+    if stream:
+        from surgery_evals.perplexity_stream import perplexity_streaming
+
+        result = perplexity_streaming(model_path, tokenizer, data, max_tokens, ctx, batch_size, dtype, device,
+                                      dense_routing)
+    else:
+        model = load_model(model_path, dtype=dtype, device=device)
+        if dense_routing:
+            set_dense_routing(model, True)
+        result = perplexity(model, tokenizer, data, max_tokens, ctx, batch_size)
+    from surgery_evals.perplexity_stream import peak_rss_mb
+
+    result["peak_rss_mb"] = peak_rss_mb()
     result["model"] = str(model_path)
     result["dense_routing"] = dense_routing
     _emit(result, json_path)

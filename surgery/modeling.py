@@ -99,8 +99,8 @@ def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_from_state(config_dict: dict, state: dict[str, torch.Tensor], moe: MoEConfig | None):
-    """Assemble a model from a config and a full state dict without random initialisation."""
+def meta_model(config_dict: dict, moe: MoEConfig | None):
+    """The model's modules with every weight on the meta device (no memory, no initialisation)."""
     from transformers import AutoModelForCausalLM
 
     config = make_config(config_dict)
@@ -112,6 +112,13 @@ def build_from_state(config_dict: dict, state: dict[str, torch.Tensor], moe: MoE
                 from surgery.attention import HeadConfig, install_head_experts
 
                 install_head_experts(model, HeadConfig.from_dict(moe.attention))
+    return model
+
+
+def build_from_state(config_dict: dict, state: dict[str, torch.Tensor], moe: MoEConfig | None):
+    """Assemble a model from a config and a full state dict without random initialisation."""
+    model = meta_model(config_dict, moe)
+    config = model.config
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
