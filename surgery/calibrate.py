@@ -389,6 +389,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             from surgery.distributed import load_checkpoint as load_dcp
 
             load_dcp(ckpt, resume_blob, student, opt, cfg.train == "all")
+        elif dist is not None:  # its optimizer state is per parameter of the whole model, not per shard
+            raise SurgeryError(f"{ckpt}: end-to-end checkpoint written by a single process; resume it without torchrun")
         else:
             opt.load_state_dict(resume_blob["optimizer"])
         start = resume_blob["state"]["step"]

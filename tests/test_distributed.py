@@ -164,3 +164,35 @@ def test_resume_from_a_distributed_checkpoint(tmp_path, models):
     assert res["e2e"]["history"][:6] == full["history"][:6]
     _close_curves(full["history"], res["e2e"]["history"])
     _close_updates(surgery.load(moe).state_dict(), {k: full["state"][k] for k in one.state_dict()}, one.state_dict())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl: one GPU a rank)")
+def test_torchrun_on_two_gpus(tmp_path, models, text_file):
+    dense, moe = models
+    flags = ["--teacher", dense, "--data", text_file, "--tokens", "1024", "--layerwise-tokens", "128", "--ctx", "32",
+             "--batch-size", "4", "--lr", "3e-3", "--seed", "3", "--device", "cuda"]
+    r = _torchrun("-m", "surgery", "calibrate", moe, tmp_path / "two", *flags)
+    summary = json.loads(r.stdout)
+    assert summary["processes"] == 2 and summary["e2e"]["steps"] == 8
+    h = json.loads((tmp_path / "two.ckpt" / "history.json").read_text())
+    assert h[-1]["kd"] < h[0]["kd"]
+    assert surgery.load(tmp_path / "two") is not None
+
+
+def test_a_single_process_checkpoint_is_not_resumed_sharded(tmp_path, models):
+    """Its optimizer state is per whole parameter: refused in one line rather than loaded into shards."""
+    import torch.distributed as tdist
+
+    from surgery.distributed import Dist
+
+    dense, moe = models
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    cfg = _e2e(tokens=256)
+    calibrate(surgery.load(moe), surgery.load(dense), None, cfg, tmp_path / "ck", ids=ids, progress=False)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SurgeryError, match="written by a single process; resume it without torchrun"):
+            calibrate(surgery.load(moe), surgery.load(dense), None, cfg, tmp_path / "ck", resume=True, ids=ids,
+                      progress=False, dist=Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu")))
+    finally:
+        tdist.destroy_process_group()
