@@ -109,6 +109,9 @@ def demo_model(out, dtype):
 @click.option("--head-router", type=click.Choice(["qnorm", "learned"]), default="qnorm", show_default=True,
               help="qnorm: parameter-free, the norm of each head's query; learned: linear, fitted to the head "
               "output norms of a `surgery profile --heads` profile (zeros without one: a fixed set of heads).")
+@click.option("--attention-fn", type=click.Choice(["softmax", "stick-breaking"]), default="softmax",
+              show_default=True, help="The head experts' attention function: the source's softmax, or "
+              "ModuleFormer's stick-breaking (no RoPE; reached by `surgery calibrate --head-train attn`).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Output dtype  [default: the checkpoint's]")
 @click.option("--max-shard-size", default="5GB", show_default=True)
@@ -116,8 +119,8 @@ def demo_model(out, dtype):
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
 def convert(src, out, experts, top_k, shared_experts, method, seed, router_init, profile_path, layer_budgets,
-            score_func, no_renormalize, scale, attention_experts, attention_top_k, shared_heads, head_router, dtype,
-            max_shard_size, overwrite, json_path):
+            score_func, no_renormalize, scale, attention_experts, attention_top_k, shared_heads, head_router,
+            attention_fn, dtype, max_shard_size, overwrite, json_path):
     """Split every FFN of the dense model SRC (folder or .gguf) into experts; write the MoE model to OUT.
 
     Each layer's intermediate neurons are partitioned into EXPERTS routed experts (plus SHARED-EXPERTS
@@ -131,13 +134,15 @@ def convert(src, out, experts, top_k, shared_experts, method, seed, router_init,
         experts, top_k = 1, 1  # attention only: the FFN as one expert with weight 1 (the dense FFN)
     if experts is None or top_k is None:
         raise SurgeryError("--experts and --top-k are required (unless --attention-experts converts attention only)")
-    if not attention_experts and (attention_top_k is not None or shared_heads or head_router != "qnorm"):
-        raise SurgeryError("--attention-top-k, --shared-heads and --head-router need --attention-experts")
+    if not attention_experts and (attention_top_k is not None or shared_heads or head_router != "qnorm"
+                                  or attention_fn != "softmax"):
+        raise SurgeryError("--attention-top-k, --shared-heads, --head-router and --attention-fn need "
+                           "--attention-experts")
     cfg = ConvertConfig(experts=experts, top_k=top_k, shared_experts=shared_experts, method=method, seed=seed,
                         router_init=router_init, score_func=score_func, renormalize=not no_renormalize,
                         scale=scale, dtype=dtype, max_shard_size=max_shard_size, layer_budgets=layer_budgets,
                         attention_experts=attention_experts, attention_top_k=attention_top_k,
-                        shared_heads=shared_heads, head_router=head_router)
+                        shared_heads=shared_heads, head_router=head_router, attention_fn=attention_fn)
     if profile_path is not None:
         from surgery.profile import load_profile
 
