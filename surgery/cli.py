@@ -481,6 +481,16 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--concentration", type=float, default=0.0, show_default=True, help="Load-concentration loss weight.")
 @click.option("--prior-weight", type=float, default=1.0, show_default=True,
               help="Layer-wise prior-approximate (oracle experts) router loss weight.")
+@click.option("--head-train", type=click.Choice(["router", "qo", "attn", "none"]), default="router",
+              show_default=True, help="Head experts: what trains, layer-wise and end-to-end: the learned head "
+              "router, also every head's q/o projections, all of the attention (stick-breaking needs it), or none.")
+@click.option("--head-steps", type=int, default=100, show_default=True,
+              help="Head experts: layer-wise Adam steps per attention block (0: skip).")
+@click.option("--head-lr", type=float, default=1e-3, show_default=True, help="Head experts: layer-wise learning rate.")
+@click.option("--head-balance", type=float, default=0.0, show_default=True,
+              help="Head experts: load-balancing loss weight over the head routers.")
+@click.option("--head-concentration", type=float, default=0.0, show_default=True,
+              help="Head experts: load-concentration loss weight over the head routers.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda  [default: cuda if available; bf16 autocast on GPU]")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written after every layer and every "
@@ -489,23 +499,28 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
 def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
-                  train, balance, concentration, prior_weight, seed, device, resume, overwrite, json_path):
+                  train, balance, concentration, prior_weight, head_train, head_steps, head_lr, head_balance,
+                  head_concentration, seed, device, resume, overwrite, json_path):
     """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
 
     \b
     1. layer-wise, on the student's own inputs, layer after layer: each MoE block is fitted to the dense
        FFN's output (routers on cached expert outputs; experts too with --expert-epochs);
     2. end-to-end: KL from the teacher's logits, MoE parameters only, with optional router losses.
+    With head experts (convert --attention-experts) each layer's attention block is fitted first, to the dense
+    attention's output, and --head-train's head parameters train end-to-end too.
     """
     import torch
 
     from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, run_calibrate
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    heads = dict(head_train=head_train, head_balance=head_balance, head_concentration=head_concentration)
     lw = LayerwiseConfig(tokens=layerwise_tokens, ctx=ctx, expert_epochs=expert_epochs, prior_weight=prior_weight,
-                         balance=balance, concentration=concentration) if layerwise_tokens > 0 else None
+                         balance=balance, concentration=concentration, head_steps=head_steps, head_lr=head_lr,
+                         **heads) if layerwise_tokens > 0 else None
     e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, balance=balance,
-                         concentration=concentration) if tokens > 0 else None
+                         concentration=concentration, **heads) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
     _emit(run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite), json_path)
 
