@@ -173,9 +173,13 @@ def eval_group():
 @click.option("--device", default=None, help="cpu, cuda, ...  [default: cuda if available]")
 @click.option("--dense-routing", is_flag=True, help="Run every expert and every head expert with unit weight (equals "
               "the dense model).")
+@click.option("--head-impl", type=click.Choice(["auto", "sparse", "masked"]), default="auto", show_default=True,
+              help="Head experts: auto (the sparse path), or the masked reference (every head computed, the same "
+              "numbers; faster than the PyTorch sparse path on a CPU at 1k context).")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the result JSON here.")
 @_friendly
-def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device, dense_routing, json_path):
+def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device, dense_routing, head_impl,
+                    json_path):
     """Perplexity of MODEL (dense folder, .gguf, converted or exported folder) on non-overlapping windows."""
     import torch
 
@@ -191,9 +195,16 @@ def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device
     model = load_model(model_path, dtype=dtype, device=device)
     if dense_routing:
         set_dense_routing(model, True)
+    if head_impl != "auto":
+        from surgery.attention import head_expert_modules
+
+        for m in head_expert_modules(model):
+            m.impl = head_impl
     result = perplexity(model, tokenizer, data, max_tokens, ctx, batch_size)
     result["model"] = str(model_path)
     result["dense_routing"] = dense_routing
+    if head_impl != "auto":
+        result["head_impl"] = head_impl
     _emit(result, json_path)
 
 

@@ -281,3 +281,18 @@ def test_calibrate_cli_with_heads(tmp_path, src, text_file):
     cal, raw = surgery.load(out), surgery.load(moe)
     assert not torch.equal(cal.model.layers[0].self_attn.q_proj.weight, raw.model.layers[0].self_attn.q_proj.weight)
     assert cal.surgery_config.attention["top_k"] == 4
+
+
+def test_eval_head_impl_masked_equals_sparse(tmp_path, src, text_file):
+    moe = tmp_path / "heads"
+    r = CliRunner().invoke(main, ["convert", str(src), str(moe), "--attention-experts", "--attention-top-k", "4",
+                                  "--shared-heads", "3"])
+    assert r.exit_code == 0, r.output
+    res = {}
+    for impl in ("auto", "masked"):
+        r = CliRunner().invoke(main, ["eval", "perplexity", str(moe), "--data", str(text_file), "--max-tokens", "300",
+                                      "--ctx", "100", "--device", "cpu", "--head-impl", impl])
+        assert r.exit_code == 0, r.output
+        res[impl] = json.loads(r.stdout)
+    assert math.isclose(res["auto"]["perplexity"], res["masked"]["perplexity"], rel_tol=1e-5)
+    assert res["masked"]["head_impl"] == "masked" and "head_impl" not in res["auto"]
