@@ -175,7 +175,7 @@ def eval_group():
               "the dense model).")
 @click.option("--head-impl", type=click.Choice(["auto", "sparse", "masked"]), default="auto", show_default=True,
               help="Head experts: auto (the sparse path), or the masked reference (every head computed, the same "
-              "numbers; faster than the PyTorch sparse path on a CPU at 1k context).")
+              "numbers).")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the result JSON here.")
 @_friendly
 def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device, dense_routing, head_impl,
