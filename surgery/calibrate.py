@@ -10,6 +10,10 @@ Two stages, each optional:
   2. end-to-end: KL from the teacher's logits to the student's on calibration windows, MoE parameters only
      (routers, experts, shared experts), AdamW with warm-up and cosine decay, plus ModuleFormer's router
      losses (load balance, load concentration) weighted by flags.
+A model with head experts (surgery/attention/) also calibrates its attention (surgery/attention/calibrate.py):
+layer-wise, each layer's attention block is fitted to the dense teacher attention's output on the student's
+own inputs before its FFN is; end-to-end, the head parameters `head_train` names train with the rest, with
+their own balance and concentration weights. A model without head experts calibrates exactly as before.
 Budgets are in tokens; bars show the loss and a running perplexity; checkpoints after every layer and every
 `checkpoint_every` steps make `resume` pick up where a run stopped; everything is seeded.
 """
@@ -27,6 +31,8 @@ import torch
 from tqdm import tqdm
 
 from surgery import losses
+from surgery.attention import head_expert_modules
+from surgery.attention import calibrate as head_cal
 from surgery.atomic import atomic_file
 from surgery.compensate import refit_down
 from surgery.data import windows_of
@@ -54,6 +60,13 @@ class LayerwiseConfig:
     # fit and again after expert training; refit_damp is its ridge towards the current weights.
     refit_down: bool = False
     refit_damp: float = 1e-2
+    # Head experts (ignored without them): Adam steps fitting each layer's attention block on random batches of
+    # batch_tokens, what trains (surgery/attention/calibrate.py: router, qo, attn or none), router losses.
+    head_steps: int = 100
+    head_lr: float = 1e-3
+    head_train: str = "router"
+    head_balance: float = 0.0
+    head_concentration: float = 0.0
 
 
 @dataclass
@@ -85,6 +98,11 @@ class EndToEndConfig:
     # Save the trained weights at these fractions of the run (with the seconds spent so far), so that a
     # recipe can draw perplexity against calibration time from one run.
     snapshots: list = field(default_factory=list)
+    # Head experts (ignored without them): which head parameters train beside `train`'s (router, qo, attn or
+    # none; surgery/attention/calibrate.py), and ModuleFormer's losses over the head routers' logits.
+    head_train: str = "router"
+    head_balance: float = 0.0
+    head_concentration: float = 0.0
 
 
 @dataclass
@@ -245,9 +263,10 @@ def _teacher_ffn(teacher, l):
 # ---- checkpoints ----------------------------------------------------------------------------------------
 
 def _moe_state(model, all_layers: bool = False) -> dict:
-    """What calibration changes: the MoE blocks, or with e2e.train=all every decoder layer."""
-    keep = "model.layers." if all_layers else ".mlp."
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if keep in k}
+    """What calibration changes: the MoE blocks (and head-expert attention, when the model has it), or with
+    e2e.train=all every decoder layer."""
+    keep = ("model.layers.",) if all_layers else (".mlp.", ".self_attn.") if head_expert_modules(model) else (".mlp.",)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if any(p in k for p in keep)}
 
 
 def _save_ckpt(folder: Path, state: dict, model, optimizer=None, all_layers: bool = False) -> None:
@@ -315,11 +334,23 @@ def run_layerwise(student, teacher, ids: torch.Tensor, cfg: LayerwiseConfig, see
     report = []
     layers = student.model.layers
     bar = tqdm(total=len(layers), desc="layer-wise", unit="layer", disable=not progress)
+    heads_on = bool(head_expert_modules(student)) and cfg.head_train != "none" and cfg.head_steps > 0
     for l, layer in enumerate(layers):
+        r_heads = None
+        if heads_on and l >= start_layer:  # the attention block first: the FFN then sees its calibrated output
+            pos_emb, mask, _ = consts
+            xn = torch.cat([layer.input_layernorm(h[a:b]) for a, b in _chunks(h.shape[0], max(1, 4096 // h.shape[1]))])
+            r_heads = head_cal.fit_head_block(layer.self_attn, teacher.model.layers[l].self_attn, xn, pos_emb, mask,
+                                              cfg.head_steps, cfg.head_lr, cfg.batch_tokens, cfg.head_train,
+                                              cfg.head_balance, cfg.head_concentration, seed * 1000 + l)
+            del xn
         h, r = layerwise_step(layer, _teacher_ffn(teacher, l), h, consts, cfg, seed, l, fit=l >= start_layer)
         if r is not None:
+            if r_heads is not None:
+                r["heads"] = r_heads
             report.append(r)
-            bar.set_postfix(err=f"{r['before']:.3f}->{r['after']:.3f}")
+            bar.set_postfix(err=f"{r['before']:.3f}->{r['after']:.3f}", **({} if r_heads is None else
+                            {"attn": f"{r_heads['before']:.3f}->{r_heads['after']:.3f}"}))
             if ckpt is not None:
                 _save_ckpt(ckpt, {"stage": "layerwise", "next_layer": l + 1, "report": report}, student)
         bar.update(1)
@@ -369,6 +400,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     blocks = moe_blocks(student)
     if cfg.train not in ("moe", "router", "all"):
         raise SurgeryError(f"e2e.train {cfg.train!r}: choose moe, router or all")
+    head_cal.check_head_train(cfg.head_train)
+    heads = head_expert_modules(student)
     params = []
     owners = student.model.layers if cfg.train == "all" else blocks
     for b in owners:
@@ -376,6 +409,13 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         for p in ps:
             p.requires_grad_(True)
         params += ps
+    seen = {id(p) for p in params}
+    for m in heads:
+        for p in head_cal.head_parameters(m, cfg.head_train):
+            if id(p) not in seen:
+                seen.add(id(p))
+                p.requires_grad_(True)
+                params.append(p)
     if dist is not None:
         dist.check_batch(cfg.batch_size)
         dist.shard(student)
@@ -399,6 +439,9 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         elapsed0 = resume_blob["state"].get("seconds", 0.0)
         torch.set_rng_state(resume_blob["rng"])
     base_routing = [b.routing for b in blocks]
+    head_impls = [m.impl for m in heads]
+    for m in heads:
+        m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
     autocast = _autocast_on(cfg.autocast, device)
     snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
     student.train(False)  # no dropout in Llama; keep eval semantics
@@ -426,6 +469,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 hid, loss_h = None, 0.0
             router_logits = [b.last_router_logits for b in blocks if b.last_router_logits is not None]
             aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
+            if heads:
+                aux = aux + head_cal.head_aux(heads, cfg.head_balance, cfg.head_concentration)
             total = loss + aux + loss_h
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -434,6 +479,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             opt.step()
             for b in blocks:
                 b.last_router_logits = None
+            head_cal.clear_logits(heads)
             with torch.no_grad():
                 V = s_logits.shape[-1]
                 ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].float().reshape(-1, V), mine[:, 1:].reshape(-1)).item()
@@ -466,6 +512,9 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     finally:
         for b, r in zip(blocks, base_routing):
             b.routing, b.unit_mix = r, 0.0
+        for m, impl in zip(heads, head_impls):
+            m.impl = impl
+        head_cal.clear_logits(heads)
     bar.close()
     for p in student.parameters():
         p.requires_grad_(False)
@@ -493,10 +542,12 @@ def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | No
     rank 0's result is then broadcast) and the end-to-end stage on its share of each batch, sharded."""
     from surgery.profile import calibration_ids
 
-    if not moe_blocks(student):
+    if not moe_blocks(student) and not head_expert_modules(student):
         raise SurgeryError("calibrate needs a converted model (no MoE blocks found)")
-    if moe_blocks(teacher):
+    if moe_blocks(teacher) or head_expert_modules(teacher):
         raise SurgeryError("--teacher must be the dense model, not a converted one")
+    if cfg.layerwise is not None:
+        head_cal.check_head_train(cfg.layerwise.head_train)
     torch.manual_seed(cfg.seed)
     for p in list(student.parameters()) + list(teacher.parameters()):
         p.requires_grad_(False)

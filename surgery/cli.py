@@ -112,6 +112,9 @@ def demo_model(out, dtype):
 @click.option("--head-router", type=click.Choice(["qnorm", "learned"]), default="qnorm", show_default=True,
               help="qnorm: parameter-free, the norm of each head's query; learned: linear, fitted to the head "
               "output norms of a `surgery profile --heads` profile (zeros without one: a fixed set of heads).")
+@click.option("--attention-fn", type=click.Choice(["softmax", "stick-breaking"]), default="softmax",
+              show_default=True, help="The head experts' attention function: the source's softmax, or "
+              "ModuleFormer's stick-breaking (no RoPE; reached by `surgery calibrate --head-train attn`).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Output dtype  [default: the checkpoint's]")
 @click.option("--max-shard-size", default="5GB", show_default=True)
@@ -119,8 +122,8 @@ def demo_model(out, dtype):
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
 def convert(src, out, experts, top_k, shared_experts, method, seed, router_init, profile_path, layer_budgets,
-            score_func, no_renormalize, scale, attention_experts, attention_top_k, shared_heads, head_router, dtype,
-            max_shard_size, overwrite, json_path):
+            score_func, no_renormalize, scale, attention_experts, attention_top_k, shared_heads, head_router,
+            attention_fn, dtype, max_shard_size, overwrite, json_path):
     """Split every FFN of the dense model SRC (folder or .gguf) into experts; write the MoE model to OUT.
 
     Each layer's intermediate neurons are partitioned into EXPERTS routed experts (plus SHARED-EXPERTS
@@ -134,13 +137,15 @@ def convert(src, out, experts, top_k, shared_experts, method, seed, router_init,
         experts, top_k = 1, 1  # attention only: the FFN as one expert with weight 1 (the dense FFN)
     if experts is None or top_k is None:
         raise SurgeryError("--experts and --top-k are required (unless --attention-experts converts attention only)")
-    if not attention_experts and (attention_top_k is not None or shared_heads or head_router != "qnorm"):
-        raise SurgeryError("--attention-top-k, --shared-heads and --head-router need --attention-experts")
+    if not attention_experts and (attention_top_k is not None or shared_heads or head_router != "qnorm"
+                                  or attention_fn != "softmax"):
+        raise SurgeryError("--attention-top-k, --shared-heads, --head-router and --attention-fn need "
+                           "--attention-experts")
     cfg = ConvertConfig(experts=experts, top_k=top_k, shared_experts=shared_experts, method=method, seed=seed,
                         router_init=router_init, score_func=score_func, renormalize=not no_renormalize,
                         scale=scale, dtype=dtype, max_shard_size=max_shard_size, layer_budgets=layer_budgets,
                         attention_experts=attention_experts, attention_top_k=attention_top_k,
-                        shared_heads=shared_heads, head_router=head_router)
+                        shared_heads=shared_heads, head_router=head_router, attention_fn=attention_fn)
     if profile_path is not None:
         from surgery.profile import load_profile
 
@@ -173,9 +178,13 @@ def eval_group():
               "the dense model).")
 @click.option("--stream", is_flag=True, help="For a model larger than memory: layer by layer over all windows, one "
               "layer's weights read at a time (dense or converted folders). Same result; reports peak memory.")
+@click.option("--head-impl", type=click.Choice(["auto", "sparse", "masked"]), default="auto", show_default=True,
+              help="Head experts: auto (the sparse path), or the masked reference (every head computed, the same "
+              "numbers).")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the result JSON here.")
 @_friendly
-def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device, dense_routing, stream, json_path):
+def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device, dense_routing, stream, head_impl,
+                    json_path):
     """Perplexity of MODEL (dense folder, .gguf, converted or exported folder) on non-overlapping windows.
     The result's peak_rss_mb is this process's peak resident memory."""
     import torch
@@ -189,6 +198,8 @@ def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device
     data = data or str(DEFAULT_EVAL)
     read_text(data)  # fail on a bad --data before spending time loading the model
     tokenizer = load_tokenizer(model_path)
+    if stream and head_impl != "auto":
+        raise SurgeryError("--head-impl goes without --stream (the streamed pass takes each layer's default path)")
     if stream:
         from surgery_evals.perplexity_stream import perplexity_streaming
 
@@ -198,12 +209,19 @@ def eval_perplexity(model_path, data, max_tokens, ctx, batch_size, dtype, device
         model = load_model(model_path, dtype=dtype, device=device)
         if dense_routing:
             set_dense_routing(model, True)
+        if head_impl != "auto":
+            from surgery.attention import head_expert_modules
+
+            for m in head_expert_modules(model):
+                m.impl = head_impl
         result = perplexity(model, tokenizer, data, max_tokens, ctx, batch_size)
     from surgery_evals.perplexity_stream import peak_rss_mb
 
     result["peak_rss_mb"] = peak_rss_mb()
     result["model"] = str(model_path)
     result["dense_routing"] = dense_routing
+    if head_impl != "auto":
+        result["head_impl"] = head_impl
     _emit(result, json_path)
 
 
@@ -491,6 +509,16 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--concentration", type=float, default=0.0, show_default=True, help="Load-concentration loss weight.")
 @click.option("--prior-weight", type=float, default=1.0, show_default=True,
               help="Layer-wise prior-approximate (oracle experts) router loss weight.")
+@click.option("--head-train", type=click.Choice(["router", "qo", "attn", "none"]), default="router",
+              show_default=True, help="Head experts: what trains, layer-wise and end-to-end: the learned head "
+              "router, also every head's q/o projections, all of the attention (stick-breaking needs it), or none.")
+@click.option("--head-steps", type=int, default=100, show_default=True,
+              help="Head experts: layer-wise Adam steps per attention block (0: skip).")
+@click.option("--head-lr", type=float, default=1e-3, show_default=True, help="Head experts: layer-wise learning rate.")
+@click.option("--head-balance", type=float, default=0.0, show_default=True,
+              help="Head experts: load-balancing loss weight over the head routers.")
+@click.option("--head-concentration", type=float, default=0.0, show_default=True,
+              help="Head experts: load-concentration loss weight over the head routers.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda  [default: cuda if available; bf16 autocast on GPU]")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written after every layer and every "
@@ -499,13 +527,16 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
 def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
-                  train, balance, concentration, prior_weight, seed, device, resume, overwrite, json_path):
+                  train, balance, concentration, prior_weight, head_train, head_steps, head_lr, head_balance,
+                  head_concentration, seed, device, resume, overwrite, json_path):
     """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
 
     \b
     1. layer-wise, on the student's own inputs, layer after layer: each MoE block is fitted to the dense
        FFN's output (routers on cached expert outputs; experts too with --expert-epochs);
     2. end-to-end: KL from the teacher's logits, MoE parameters only, with optional router losses.
+    With head experts (convert --attention-experts) each layer's attention block is fitted first, to the dense
+    attention's output, and --head-train's head parameters train end-to-end too.
 
     \b
     Across processes, the same flags: torchrun --nproc-per-node N -m surgery calibrate ... (FSDP2; gloo on
@@ -516,10 +547,12 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
     from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, run_calibrate
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    heads = dict(head_train=head_train, head_balance=head_balance, head_concentration=head_concentration)
     lw = LayerwiseConfig(tokens=layerwise_tokens, ctx=ctx, expert_epochs=expert_epochs, prior_weight=prior_weight,
-                         balance=balance, concentration=concentration) if layerwise_tokens > 0 else None
+                         balance=balance, concentration=concentration, head_steps=head_steps, head_lr=head_lr,
+                         **heads) if layerwise_tokens > 0 else None
     e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, balance=balance,
-                         concentration=concentration) if tokens > 0 else None
+                         concentration=concentration, **heads) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
     result = run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite)
     from surgery.distributed import env_rank

@@ -54,6 +54,7 @@ class ConvertConfig:
     attention_top_k: int | None = None
     shared_heads: int = 0
     head_router: str = "qnorm"
+    attention_fn: str = "softmax"  # or "stick-breaking" (surgery/attention/stick_breaking.py)
     head_stats: dict = field(default_factory=dict, repr=False)
 
     def routing(self) -> RoutingConfig:
@@ -65,7 +66,7 @@ class ConvertConfig:
         if not self.attention_experts:
             return None
         return head_convert.plan_heads(base, self.attention_top_k, self.shared_heads, self.head_router,
-                                       self.head_stats)
+                                       self.head_stats, self.attention_fn)
 
     def validate(self, width: int) -> None:
         if self.experts < 1:

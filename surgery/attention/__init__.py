@@ -9,11 +9,12 @@ per token, and the routing weights scale the chosen heads' outputs before o_proj
     router.py   head scores (qnorm, learned), routing weights, shared-head choice and router initialisation
     heads.py    HeadExpertAttention: the module that replaces `self_attn` (dense, masked and sparse paths)
     sparse.py   the sparse path: per head, only the tokens that chose it
+    stick_breaking.py  ModuleFormer's stick-breaking attention (HeadConfig.attention_fn), PyTorch reference
     profile.py  per-head statistics on calibration text (`surgery profile --heads`)
     convert.py  conversion: streaming tensors for `surgery convert`, and in memory
 """
 
-from surgery.attention.config import HEAD_ROUTERS, HeadConfig
+from surgery.attention.config import ATTENTION_FNS, HEAD_ROUTERS, HeadConfig
 from surgery.attention.heads import HeadExpertAttention, head_expert_modules, install_head_experts
 
-__all__ = ["HEAD_ROUTERS", "HeadConfig", "HeadExpertAttention", "head_expert_modules", "install_head_experts"]
+__all__ = ["ATTENTION_FNS", "HEAD_ROUTERS", "HeadConfig", "HeadExpertAttention", "head_expert_modules", "install_head_experts"]

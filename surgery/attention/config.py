@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from surgery.errors import SurgeryError
 
 HEAD_ROUTERS = ("qnorm", "learned")
+ATTENTION_FNS = ("softmax", "stick-breaking")
 
 
 @dataclass
@@ -22,6 +23,9 @@ class HeadConfig:
     # Per layer: the always-on heads (sorted). Empty: the first S heads in every layer.
     shared: list[list[int]] = field(default_factory=list)
     init: str = ""  # how shared heads and router were chosen: "first" / "zeros" or "profile"
+    # softmax: the source's attention (RoPE); stick-breaking: ModuleFormer's (stick_breaking.py), no RoPE,
+    # every head of the layer; a converted model reaches it by calibration (surgery calibrate --head-train attn)
+    attention_fn: str = "softmax"
 
     @property
     def routable(self) -> int:
@@ -49,6 +53,8 @@ class HeadConfig:
     def validate(self, layers: int | None = None) -> None:
         if self.router not in HEAD_ROUTERS:
             raise SurgeryError(f"--head-router {self.router!r}: choose from {', '.join(HEAD_ROUTERS)}")
+        if self.attention_fn not in ATTENTION_FNS:
+            raise SurgeryError(f"--attention-fn {self.attention_fn!r}: choose from {', '.join(ATTENTION_FNS)}")
         if not 0 <= self.shared_heads < self.heads:
             raise SurgeryError(f"--shared-heads {self.shared_heads}: must be 0 to {self.heads - 1} "
                                f"(the model has {self.heads} query heads; at least one must be routed)")

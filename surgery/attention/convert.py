@@ -21,13 +21,15 @@ def default_top_k(heads: int, shared: int) -> int:
     return max(1, min(heads - shared, round(0.75 * heads) - shared))
 
 
-def plan_heads(base: dict, top_k: int | None, shared_heads: int, router: str, stats: dict | None) -> HeadConfig:
+def plan_heads(base: dict, top_k: int | None, shared_heads: int, router: str, stats: dict | None,
+               attention_fn: str = "softmax") -> HeadConfig:
     H = base["num_attention_heads"]
     G = base.get("num_key_value_heads") or H
     layers = base["num_hidden_layers"]
     if top_k is None:
         top_k = default_top_k(H, shared_heads)
-    hc = HeadConfig(heads=H, kv_heads=G, top_k=top_k, shared_heads=shared_heads, router=router)
+    hc = HeadConfig(heads=H, kv_heads=G, top_k=top_k, shared_heads=shared_heads, router=router,
+                    attention_fn=attention_fn)
     hc.validate()
     if stats:
         missing = [i for i in range(layers) if i not in stats]
@@ -100,4 +102,4 @@ def convert_heads(model, hc: HeadConfig, stats: dict | None = None) -> None:
 def summary(hc: HeadConfig) -> dict:
     return {"attention_experts": True, "heads": hc.heads, "kv_heads": hc.kv_heads, "attention_top_k": hc.top_k,
             "shared_heads": hc.shared_heads, "head_router": hc.router, "head_init": hc.init,
-            "active_head_fraction": round(hc.active_fraction, 6)}
+            "active_head_fraction": round(hc.active_fraction, 6), "attention_fn": hc.attention_fn}

@@ -11,6 +11,9 @@ for every token and cached by transformers' cache as before. Three paths, one fu
     (0 for unselected heads), then o_proj;
   * sparse (inference default): per head only the tokens that chose it (surgery/attention/sparse.py).
 `impl` = "auto" takes sparse when no gradient is needed, masked otherwise.
+With attention_fn = "stick-breaking" (surgery/attention/stick_breaking.py) queries and keys get no RoPE, every
+path runs the masked reference (the sparse path is softmax-only), and dense routing is every head at unit
+weight through stick-breaking (the source's own forward would be softmax).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class HeadExpertAttention(nn.Module):
         self.routed = cfg.routed_of(layer)
         self.router_kind = cfg.router
         self.scale = cfg.routing_scale
+        self.attention_fn = cfg.attention_fn
         hidden = self.q_proj.in_features
         w = self.q_proj.weight
         self.router = (nn.Linear(hidden, len(self.routed), bias=True, dtype=w.dtype, device=w.device)
@@ -71,12 +75,13 @@ class HeadExpertAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, shared={self.shared}, top_k={self.top_k}, "
-                f"router={self.router_kind}")
+                f"router={self.router_kind}, attention_fn={self.attention_fn}")
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
-        if self.dense_routing:
+        softmax = self.attention_fn == "softmax"
+        if self.dense_routing and softmax:
             kw = {_name_for(self._dense_forward): cache}
             return self._dense_forward(self, hidden_states, position_embeddings, attention_mask, **kw, **kwargs)
         B, T, _ = hidden_states.shape
@@ -84,7 +89,8 @@ class HeadExpertAttention(nn.Module):
         cos, sin = position_embeddings
         k = self.k_proj(hidden_states).view(B, T, G, d).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, G, d).transpose(1, 2)
-        k = rope(k, cos.unsqueeze(1), sin.unsqueeze(1))
+        if softmax:
+            k = rope(k, cos.unsqueeze(1), sin.unsqueeze(1))
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
 
@@ -97,11 +103,14 @@ class HeadExpertAttention(nn.Module):
             logits = learned_logits(x_TD, self.router.weight, self.router.bias)
         self.last_router_logits = logits
         weights_TK, ids_TK = route_heads(logits, self.top_k, self.scale)
+        if self.dense_routing:  # stick-breaking: every head, unit weights
+            ids_TK = torch.arange(len(self.routed), device=logits.device).expand(logits.shape[0], -1)
+            weights_TK = torch.ones(ids_TK.shape, dtype=torch.float32, device=logits.device)
 
         impl = self.impl
         if impl == "auto":
             impl = "masked" if torch.is_grad_enabled() and (self.training or hidden_states.requires_grad) else "sparse"
-        if impl == "sparse":
+        if impl == "sparse" and softmax:
             from surgery.attention.sparse import sparse_attention
 
             self.last_head_weights = None
@@ -117,6 +126,12 @@ class HeadExpertAttention(nn.Module):
         B, T, _ = x.shape
         d, H = self.head_dim, self.heads
         q = (q_full.view(B, T, H, d) if q_full is not None else self.q_proj(x).view(B, T, H, d)).transpose(1, 2)
+        if self.attention_fn == "stick-breaking":
+            from surgery.attention.stick_breaking import stick_breaking_attention
+
+            out = stick_breaking_attention(q, k, v, self.scaling, attention_mask)
+            out = out * w_TH.view(B, T, H, 1).to(out.dtype)
+            return self.o_proj(out.reshape(B, T, H * d).contiguous()), None
         q = rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         attend = _attention_function(self, self.config._attn_implementation)
         out, _ = attend(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
