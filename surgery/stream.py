@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import surgery
-from surgery.atomic import atomic_file
+from surgery.atomic import atomic_file, publish_dir
 from surgery.calibrate import CalibrateConfig, LayerwiseConfig, layerwise_inputs, layerwise_step
 from surgery.checkpoint import _safetensors_header, check_model_path, file_hash, open_folder
 from surgery.cluster import FFNWeights
@@ -385,13 +385,7 @@ def _finish(src, out, work, source, skel, cfg, moe, state, out_dtype, n_shards, 
     copy_tokenizer_files(src, work)
     (work / "state.pt").unlink()
     (work / "progress.json").unlink()
-    if out.exists():  # --overwrite: swap, so OUT is never missing or partial
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    publish_dir(work, out)  # --overwrite: swapped, so OUT is never missing or partial
 
 
 def _summary(src, out, cfg, moe, state, meter, resumed_at, seconds) -> dict:
