@@ -21,6 +21,29 @@ from surgery.errors import SurgeryError
 from helpers import make_llama
 
 
+class Stop(Exception):
+    pass
+
+
+def stop_after_checkpoint(run, key: str, value: int) -> None:
+    """Call `run` (a calibration) and kill it right after it saves the checkpoint whose state[key] == value."""
+    import surgery.calibrate as cal
+
+    orig = cal._save_ckpt
+
+    def save(folder, state, model, optimizer=None, **kw):
+        orig(folder, state, model, optimizer, **kw)
+        if state.get(key) == value:
+            raise Stop
+
+    cal._save_ckpt = save
+    try:
+        with pytest.raises(Stop):
+            run()
+    finally:
+        cal._save_ckpt = orig
+
+
 def _sharpen(model):
     with torch.no_grad():
         model.model.norm.weight.fill_(4.0)
@@ -177,29 +200,12 @@ def test_end_to_end_adds_the_head_losses(src):
 
 
 def test_resume_restores_head_parameters(tmp_path, src):
-    import surgery.calibrate as cal
-
     teacher = _sharpen(surgery.load(src))
     full = student_of(src)
     calibrate(full, teacher, None, _e2e(head_train="qo"), ckpt=tmp_path / "a", ids=IDS, progress=False)
 
-    class Stop(Exception):
-        pass
-
-    orig = cal._save_ckpt
-
-    def save(folder, state, model, optimizer=None, **kw):
-        orig(folder, state, model, optimizer, **kw)
-        if state.get("step") == 6:
-            raise Stop
-
-    cal._save_ckpt = save
-    try:
-        with pytest.raises(Stop):
-            calibrate(student_of(src), teacher, None, _e2e(head_train="qo"), ckpt=tmp_path / "b", ids=IDS,
-                      progress=False)
-    finally:
-        cal._save_ckpt = orig
+    stop_after_checkpoint(lambda: calibrate(student_of(src), teacher, None, _e2e(head_train="qo"),
+                                            ckpt=tmp_path / "b", ids=IDS, progress=False), "step", 6)
     saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["params"]
     assert "model.layers.0.self_attn.router.weight" in saved and "model.layers.0.self_attn.q_proj.weight" in saved
     resumed = student_of(src)
@@ -213,7 +219,6 @@ def test_resume_restores_head_parameters(tmp_path, src):
 def test_layerwise_resume_with_heads(tmp_path, src):
     """Stopped after layer 0, resumed: layer 0's fitted heads come back from the checkpoint, layer 1 is fitted on
     their output, and the result equals an uninterrupted run."""
-    import surgery.calibrate as cal
 
     teacher = _sharpen(surgery.load(src))
 
@@ -225,22 +230,8 @@ def test_layerwise_resume_with_heads(tmp_path, src):
     full = fresh()
     first = calibrate(full, teacher, None, lw_only(head_train="qo"), ids=IDS, progress=False)
 
-    class Stop(Exception):
-        pass
-
-    orig = cal._save_ckpt
-
-    def save(folder, state, model, optimizer=None, **kw):
-        orig(folder, state, model, optimizer, **kw)
-        if state.get("next_layer") == 1:
-            raise Stop
-
-    cal._save_ckpt = save
-    try:
-        with pytest.raises(Stop):
-            calibrate(fresh(), teacher, None, lw_only(head_train="qo"), ckpt=tmp_path / "c", ids=IDS, progress=False)
-    finally:
-        cal._save_ckpt = orig
+    stop_after_checkpoint(lambda: calibrate(fresh(), teacher, None, lw_only(head_train="qo"), ckpt=tmp_path / "c",
+                                            ids=IDS, progress=False), "next_layer", 1)
     resumed = fresh()
     res = calibrate(resumed, teacher, None, lw_only(head_train="qo"), ckpt=tmp_path / "c", resume=True, ids=IDS,
                     progress=False)
