@@ -7,7 +7,7 @@
 #
 #   bash evals/gpu_check.sh --dry-run              list the stages, their commands and time limits
 #   bash evals/gpu_check.sh --prepare              (on a machine with pip access) fill .gpu-carry/
-#   bash evals/gpu_check.sh [--stages a,b] [--skip a,b]
+#   bash evals/gpu_check.sh [--stages a,b] [--skip a,b] [--keep-going]
 #
 # The demo model's source (a 94 MiB GGUF) is larger than what one call to a lent machine carries (64 MiB in
 # all), so --prepare splits it in two parts and a check is two calls to the same warm machine; the `receive`
@@ -17,7 +17,8 @@
 # (env is quick once done; the recipe resumes if its stage is rerun.) With one long call and both parts
 # present, the plain `bash evals/gpu_check.sh` runs everything in order, within ~25 minutes on one H100.
 #
-# Every stage is timed and has a time limit; the first failure stops the script with its name, status 1.
+# Every stage is timed and has a time limit; the first failure stops the script with its name, status 1
+# (with --keep-going the later stages still run, and the script ends with status 1 if any failed).
 # A summary (stage, status, seconds) goes to results/gpu-check/gpu-check-<gpu>.json; with $OUT set (the lent
 # machine's return folder), the result JSONs and logs are copied there as well.
 set -euo pipefail
@@ -25,7 +26,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-STAGES_ALL=(receive env demo tests kernels model recipe)
+STAGES_ALL=(receive env demo tests kernels model attention recipe)
 PY="${GPU_CHECK_PYTHON:-python3}"
 VENV="${GPU_CHECK_VENV:-$ROOT/.venv-gpu}"
 CARRY="${GPU_CHECK_CARRY:-$ROOT/.gpu-carry}"
@@ -40,20 +41,23 @@ export PYTHONUNBUFFERED=1
 die() { echo "gpu_check: error: $*" >&2; exit "${2:-1}"; }
 usage_error() { echo "gpu_check: error: $*" >&2; exit 2; }
 
-# Time limit of each stage in seconds: 1500 s (25 minutes) in all. A stage stopped at its limit fails the
+# Time limit of each stage in seconds: 1500 s (25 minutes) in all. Measured on an H200 (2026-11-26): env 11 s;
+# tests over 210 s cold (Triton compiles every kernel once; 62 + 35 s once warm); kernels 63 s; model ~35 s
+# eager, while CUDA graphs (torch.compile of three 7B models at three batch sizes) outran 240 s. A stage stopped at its limit fails the
 # check; the recipe resumes where it stopped when its stage is run again (same --out).
 limit_of() {
     case "$1" in
-        receive) echo 30 ;; env) echo 120 ;; demo) echo 120 ;; tests) echo 240 ;;
-        kernels) echo 240 ;; model) echo 300 ;; recipe) echo 450 ;;
+        receive) echo 30 ;; env) echo 60 ;; demo) echo 90 ;; tests) echo 300 ;;
+        kernels) echo 150 ;; model) echo 150 ;; attention) echo 120 ;; recipe) echo 600 ;;
     esac
 }
 
-DRY=0 PREPARE=0 SELECT="" SKIP=""
+DRY=0 PREPARE=0 SELECT="" SKIP="" KEEP_GOING=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --prepare) PREPARE=1 ;;
+        --keep-going) KEEP_GOING=1 ;;
         --stages|--only) [ $# -ge 2 ] || usage_error "$1 needs a comma-separated list of stages"; SELECT="$2"; shift ;;
         --skip) [ $# -ge 2 ] || usage_error "--skip needs a comma-separated list of stages"; SKIP="$2"; shift ;;
         -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -98,9 +102,10 @@ describe() {
         receive) echo "copy $CARRY/{base,part1,part2} (whatever this call carried) into $STASH" ;;
         env) echo "$PY -m venv --without-pip $VENV (+ the system site-packages of $PY), pip install --no-index --no-deps -e . and $STASH/wheels/*.whl; assert CUDA" ;;
         demo) echo "join $STASH/part*/$DEMO_GGUF_NAME.* (sha256 checked) into \$SURGERY_CACHE; surgery demo-model" ;;
-        tests) echo "pytest tests/test_kernels.py (all of it runs on CUDA there) and -m gpu tests/ (every test that skips without CUDA); a CUDA skip fails" ;;
+        tests) echo "pytest tests/test_kernels.py tests/test_head_attention_kernel.py (all of them run on CUDA there) and -m gpu tests/ (every test that skips without CUDA); a one-GPU skip fails" ;;
         kernels) echo "surgery bench kernels --json results/bench/kernels-NAME.json" ;;
-        model) echo "surgery bench model --synthetic llama2-7b -E 16 -K 4 --stock --json results/bench/model-llama2-7b-NAME.json" ;;
+        model) echo "surgery bench model --synthetic llama2-7b -E 16 -K 4 --stock --runtime eager --json results/bench/model-llama2-7b-NAME.json" ;;
+        attention) echo "surgery bench model --synthetic llama2-7b -E 16 -K 8 --attention-experts --runtime eager --prefill-ctx 2048,4096 --json results/attention/prefill-llama2-7b-NAME.json" ;;
         recipe) echo "surgery run $RECIPE --out runs/smollm2-50pct-gpu --json results/quality/smollm2-50pct-gpu-NAME.json" ;;
     esac
 }
@@ -166,14 +171,16 @@ stage_demo() {
 stage_tests() {
     local log="results/gpu-check/pytest-$NAME.log"
     set +e
-    "$PYV" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$log"
+    local whole=(tests/test_kernels.py tests/test_head_attention_kernel.py)
+    "$PYV" -m pytest -q -rs -p no:cacheprovider "${whole[@]}" 2>&1 | tee "$log"
     local rc1=${PIPESTATUS[0]}
-    "$PYV" -m pytest -q -rs -p no:cacheprovider -m gpu tests/ --ignore=tests/test_kernels.py 2>&1 | tee -a "$log"
+    "$PYV" -m pytest -q -rs -p no:cacheprovider -m gpu tests/ "${whole[@]/#/--ignore=}" 2>&1 | tee -a "$log"
     local rc2=${PIPESTATUS[0]}
     set -e
-    [ "$rc1" = 0 ] || die "tests: tests/test_kernels.py failed (log: $log)"
+    [ "$rc1" = 0 ] || die "tests: ${whole[*]} failed (log: $log)"
     [ "$rc2" = 0 ] || [ "$rc2" = 5 ] || die "tests: the gpu-marked tests failed (log: $log)"
-    if grep -E "^SKIPPED.*(CUDA|GPU|cuda)" "$log"; then
+    # Tests that need several GPUs (nccl, one GPU a rank) may skip on a one-GPU machine; nothing else may.
+    if grep -E "^SKIPPED.*(CUDA|GPU|cuda)" "$log" | grep -vE "needs [2-9][0-9]* CUDA GPUs"; then
         die "tests: tests were skipped for want of a GPU on a GPU machine (log: $log)"
     fi
 }
@@ -183,7 +190,17 @@ stage_kernels() {
 }
 
 stage_model() {
-    "$SURGERY" bench model --synthetic llama2-7b -E 16 -K 4 --stock --json "results/bench/model-llama2-7b-$NAME.json"
+    # Eager: compiling CUDA graphs for three 7B models at three batch sizes outran 240 s on an H200, so decode
+    # here is launch-bound (42 tokens/s dense at batch 1): prefill and the converted/dense ratios are the figures.
+    "$SURGERY" bench model --synthetic llama2-7b -E 16 -K 4 --stock --runtime eager --new-tokens 16 \
+        --json "results/bench/model-llama2-7b-$NAME.json"
+}
+
+stage_attention() {
+    # Head experts at 75% of the heads (K 8 of 16 routed FFN experts too), prefill only: the attention modules
+    # alone and the whole model at long contexts, where the Triton head kernel does the sparse attention.
+    "$SURGERY" bench model --synthetic llama2-7b -E 16 -K 8 --attention-experts --prefill "" --decode-batch "" \
+        --runtime eager --prefill-ctx 2048,4096 --json "results/attention/prefill-llama2-7b-$NAME.json"
 }
 
 stage_recipe() {
@@ -237,16 +254,17 @@ if [ "$needs_gpu" = 1 ] && [ "${GPU_CHECK_ALLOW_NO_GPU:-0}" != 1 ]; then
     nvidia-smi -L >/dev/null 2>&1 || die "no NVIDIA GPU here (nvidia-smi -L failed): this script is for a machine with one"
 fi
 NAME="$(gpu_name)"
-mkdir -p results/gpu-check results/bench results/quality
+mkdir -p results/gpu-check results/bench results/quality results/attention
 SUMMARY="results/gpu-check/gpu-check-$NAME.json"
-ROWS=""
+ROWS="" FAILED=""
 finish() {
     local rc=$?
     printf '{"gpu": "%s", "stages": [%s], "exit_status": %s}\n' "$NAME" "${ROWS%,}" "$rc" > "$SUMMARY"
     if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
         cp "$SUMMARY" "$OUT/" 2>/dev/null || true
         for f in "results/bench/kernels-$NAME.json" "results/bench/model-llama2-7b-$NAME.json" \
-                 "results/quality/smollm2-50pct-gpu-$NAME.json" "results/gpu-check/pytest-$NAME.log"; do
+                 "results/attention/prefill-llama2-7b-$NAME.json" "results/quality/smollm2-50pct-gpu-$NAME.json" \
+                 "results/gpu-check/pytest-$NAME.log"; do
             [ -f "$f" ] && cp "$f" "$OUT/"
         done
     fi
@@ -273,6 +291,11 @@ for s in "${STAGES[@]}"; do
     if [ "$rc" = 0 ]; then status=ok; elif [ "$rc" = 143 ]; then status="timed out"; else status="failed ($rc)"; fi
     ROWS="$ROWS{\"stage\": \"$s\", \"status\": \"$status\", \"seconds\": $secs},"
     echo "=== gpu_check: $s: $status in ${secs}s"
-    [ "$rc" = 0 ] || die "stage '$s' $status after ${secs}s"
+    if [ "$rc" != 0 ]; then
+        [ "$KEEP_GOING" = 1 ] || die "stage '$s' $status after ${secs}s"
+        FAILED="$FAILED $s"
+        echo "gpu_check: stage '$s' $status after ${secs}s; --keep-going: on to the next stage" >&2
+    fi
 done
+[ -z "$FAILED" ] || die "failed stages:$FAILED"
 echo "gpu_check: all ${#STAGES[@]} stages passed"

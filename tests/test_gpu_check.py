@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "evals" / "gpu_check.sh"
-STAGES = ["receive", "env", "demo", "tests", "kernels", "model", "recipe"]
+STAGES = ["receive", "env", "demo", "tests", "kernels", "model", "attention", "recipe"]
 
 
 def run(*args, env=None, cwd=ROOT):
@@ -29,7 +29,7 @@ def test_dry_run_lists_every_stage_in_order_within_25_minutes():
     assert sum(limits) <= 25 * 60 and lines[-1] == f"limit in all: {sum(limits)}s"
     text = r.stdout
     assert "bench kernels --json results/bench/kernels-NAME.json" in text
-    assert "--synthetic llama2-7b -E 16 -K 4 --stock" in text
+    assert "--synthetic llama2-7b -E 16 -K 4 --stock --runtime eager" in text
     assert "recipes/smollm2-50pct-gpu.yaml" in text and "-m gpu" in text
 
 
@@ -87,3 +87,20 @@ def test_a_failing_stage_stops_the_check_with_its_name(tmp_path):
     assert "no parts of SmolLM2-135M-Instruct.Q4_1.gguf" in r.stderr and "stage 'demo' failed" in r.stderr
     summary = json.loads((work / "results" / "gpu-check" / "gpu-check-testgpu.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["demo"] and summary["exit_status"] == 1
+
+
+def test_keep_going_runs_the_later_stages_and_still_fails(tmp_path):
+    # Both stages fail here (no GGUF parts; no venv holding surgery): with --keep-going both are tried and
+    # recorded, and the script still ends with status 1 naming them.
+    work = tmp_path / "tree"
+    (work / "evals").mkdir(parents=True)
+    (work / "evals" / "gpu_check.sh").write_text(SCRIPT.read_text())
+    env = {"GPU_CHECK_STASH": str(tmp_path / "stash"), "GPU_CHECK_NAME": "testgpu", "GPU_CHECK_ALLOW_NO_GPU": "1",
+           "SURGERY_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(["bash", "evals/gpu_check.sh", "--stages", "demo,kernels", "--keep-going"],
+                       capture_output=True, text=True, env=dict(os.environ, **env), cwd=work)
+    assert r.returncode == 1
+    assert "--keep-going: on to the next stage" in r.stderr and "failed stages: demo kernels" in r.stderr
+    summary = json.loads((work / "results" / "gpu-check" / "gpu-check-testgpu.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["demo", "kernels"] and summary["exit_status"] == 1
+    assert all(s["status"].startswith("failed") for s in summary["stages"])
