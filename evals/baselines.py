@@ -149,9 +149,11 @@ def apply_baseline(model, kind: str, keep: float, stats=None, granularity: int =
 def run_baseline(model_path, kind: str, keep: float, profile_path=None, granularity: int = 1,
                  compensate: bool = True, calibrate_tokens: int = 0, calibrate_ctx: int = 256, lr: float = 1e-4,
                  datasets: dict | None = None, ctx: int = 1024, seed: int = 0, device: str = "cpu",
-                 progress: bool = True) -> dict:
+                 progress: bool = True, calibrate_data=None) -> dict:
     """Apply a baseline to the dense model at `model_path`, optionally calibrate it (static only: the MoE
-    recipes' end-to-end distillation, every decoder-layer weight), and evaluate it. Returns a JSON-ready dict."""
+    recipes' end-to-end distillation, every decoder-layer weight, on `calibrate_data` as `calibration_ids`
+    reads it: None for WikiText-2 valid, "mix" for the recipes' corpus), and evaluate it. Returns a JSON-ready
+    dict."""
     import time
 
     from surgery.calibrate import EndToEndConfig, run_end_to_end
@@ -163,6 +165,8 @@ def run_baseline(model_path, kind: str, keep: float, profile_path=None, granular
 
     if calibrate_tokens and kind != "static":
         raise SurgeryError(f"--calibrate-tokens: only the static baseline is trained (not {kind})")
+    if calibrate_data is not None and not calibrate_tokens:
+        raise SurgeryError("--data is the calibration text: it goes with --calibrate-tokens")
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device=device)
     t0 = time.time()
@@ -182,9 +186,12 @@ def run_baseline(model_path, kind: str, keep: float, profile_path=None, granular
         for p in teacher.parameters():
             p.requires_grad_(False)
         cfg = EndToEndConfig(tokens=calibrate_tokens, ctx=calibrate_ctx, batch_size=2, lr=lr, train="all")
-        ids = calibration_ids(tokenizer, None, calibrate_tokens, teacher, seed, progress)
+        t_data = time.time()
+        ids = calibration_ids(tokenizer, calibrate_data, calibrate_tokens, teacher, seed, progress)
+        data_seconds = round(time.time() - t_data, 1)
         r = run_end_to_end(model, teacher, ids, cfg, seed, progress=progress)
         result["calibration"] = {"tokens": r["tokens"], "seconds": r["seconds"], "lr": lr,
+                                 "data": str(calibrate_data or "wikitext-valid"), "data_seconds": data_seconds,
                                  "first_kd": r["history"][0]["kd"], "last_kd": r["history"][-1]["kd"]}
         del teacher
     result["prepare_seconds"] = round(time.time() - t0, 1)

@@ -594,13 +594,17 @@ def run_cmd(recipe_path, out, json_path):
 @click.option("--calibrate-tokens", type=int, default=0, show_default=True,
               help="static: end-to-end distillation tokens (the MoE recipes' stage), for equal-budget comparisons.")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--data", "calibrate_data", default=None,
+              help="static, with --calibrate-tokens: the calibration text (a file, wikitext-valid, sample, or mix: "
+                   "half WikiText-2 valid, half sampled from the dense model, as the recipes use)  [default: "
+                   "wikitext-valid]")
 @click.option("--max-tokens", type=int, default=40960, show_default=True,
               help="Evaluation tokens on each of WikiText-2 test and stdlib source.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="Also write the result JSON here.")
 @_friendly
 def baseline_cmd(kind, model_path, keep, granularity, profile_path, no_compensate, calibrate_tokens, lr,
-                 max_tokens, device, json_path):
+                 calibrate_data, max_tokens, device, json_path):
     """Ceilings and baselines for a conversion, on the DENSE model, evaluated like the recipes.
 
     \b
@@ -611,7 +615,8 @@ def baseline_cmd(kind, model_path, keep, granularity, profile_path, no_compensat
     from surgery_evals.baselines import run_baseline
 
     _emit(run_baseline(model_path, kind, keep, profile_path, granularity, not no_compensate, calibrate_tokens,
-                       lr=lr, datasets={"wikitext": max_tokens, "stdlib": max_tokens}, device=device), json_path)
+                       lr=lr, datasets={"wikitext": max_tokens, "stdlib": max_tokens}, device=device,
+                       calibrate_data=calibrate_data), json_path)
 
 
 @main.command("quality-table")

@@ -1,6 +1,8 @@
 """The second quality round's methods: the masked CPU path, the transition schedule, multi-epoch windows,
 bf16 autocast selection, snapshots, and the baselines (oracle, gate-decided sparsity, static pruning)."""
 
+import math
+
 import pytest
 import torch
 
@@ -225,3 +227,15 @@ def test_mix_calibration_is_half_file_half_sampled(tmp_path, monkeypatch):
     assert (ids[:MIX_BLOCK] >= 0).all() and (ids[MIX_BLOCK:2 * MIX_BLOCK] == -1).all()
     with pytest.raises(SurgeryError, match="mix needs the dense model"):
         calibration_ids(None, "mix", 16)
+
+
+def test_static_baseline_calibrates_on_the_data_it_is_given(tiny, text_file):
+    from surgery_evals.baselines import run_baseline
+
+    with pytest.raises(SurgeryError, match="--data .* goes with --calibrate-tokens"):
+        run_baseline(tiny, "static", 0.5, calibrate_data="mix", progress=False)
+    r = run_baseline(tiny, "static", 0.5, calibrate_tokens=256, calibrate_ctx=32, lr=1e-3,
+                     datasets={str(text_file): 256}, ctx=64, progress=False, calibrate_data=str(text_file))
+    cal = r["calibration"]
+    assert cal["data"] == str(text_file) and cal["tokens"] == 256 and math.isfinite(cal["last_kd"])
+    assert math.isfinite(r["evaluations"][str(text_file)]["perplexity"])
