@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -81,3 +82,72 @@ def write_random_llama(folder: Path, *, hidden, ffn, layers, heads, kv_heads, vo
               "torch_dtype": str(dtype).removeprefix("torch.")}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return writer.total_bytes
+
+
+def randomise_head_routers(model, seed=0) -> None:
+    """Unit-normal weights and biases for every learned head router (a fresh router routes every token alike),
+    so that tests see tokens choosing different heads. qnorm layers (no router) are left as they are."""
+    from surgery.attention import head_expert_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in head_expert_modules(model):
+            if m.router is not None:
+                m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g))
+                m.router.bias.copy_(torch.randn(m.router.bias.shape, generator=g))
+
+
+def decode_through_cache(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of ids[:, :prefill] as one prefill into a fresh cache, then one token at a time through that
+    cache: the same as one full forward when the model's cache path is right."""
+    from transformers import DynamicCache
+
+    from surgery.kvcache import returned_cache, with_cache
+
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prefill], **with_cache(model, DynamicCache()), use_cache=True)
+        steps, cache = [out.logits], returned_cache(out)
+        for t in range(prefill, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], **with_cache(model, cache), use_cache=True)
+            cache = returned_cache(out)
+            steps.append(out.logits)
+    return torch.cat(steps, 1)
+
+
+def greedy_with_and_without_cache(model, prompt: torch.Tensor, new_tokens: int = 6):
+    """`generate`'s greedy tokens with the KV cache and without it (they must agree)."""
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw)
+
+
+def require_triton(cuda: bool) -> None:
+    """Skip unless Triton kernels can run here: on a GPU, or on CPU under TRITON_INTERPRET=1 (which the kernel
+    test modules set before their first Triton import when there is no GPU)."""
+    import os
+
+    pytest.importorskip("triton")
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+
+
+class Stop(Exception):
+    """Raised by stop_after_checkpoint to kill a calibration run."""
+
+
+def stop_after_checkpoint(run, key: str, value: int) -> None:
+    """Call `run` (a calibration) and kill it right after it saves the checkpoint whose state[key] == value."""
+    import surgery.calibrate as cal
+
+    orig = cal._save_ckpt
+
+    def save(folder, state, model, optimizer=None, **kw):
+        orig(folder, state, model, optimizer, **kw)
+        if state.get(key) == value:
+            raise Stop
+
+    cal._save_ckpt = save
+    try:
+        with pytest.raises(Stop):
+            run()
+    finally:
+        cal._save_ckpt = orig

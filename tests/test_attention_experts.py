@@ -19,7 +19,8 @@ from surgery.errors import SurgeryError
 from surgery.modeling import save_converted
 from surgery.moe import set_dense_routing
 
-from helpers import make_llama, relative_error
+from helpers import (decode_through_cache, greedy_with_and_without_cache, make_llama, randomise_head_routers,
+                     relative_error)
 
 TOL = 1e-5  # float32 logits, max |a - b| / max |b|
 
@@ -39,15 +40,6 @@ def set_impl(model, impl):
         m.impl = impl
 
 
-def randomise_routers(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in head_expert_modules(model):
-            if m.router is not None:
-                m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g))
-                m.router.bias.copy_(torch.randn(m.router.bias.shape, generator=g))
-
-
 # ---- the invariant: dense routing (every head, unit weights) is the dense model --------------------------
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -58,7 +50,7 @@ def test_invariant_dense_routing_equals_dense(tmp_path, tied, kv_heads, router):
     convert(src, tmp_path / "moe", heads_cfg(top_k=1, shared=1, router=router, experts=5, ffn_top_k=2,
                                              shared_experts=1), progress=False)
     dense, moe = surgery.load(src), surgery.load(tmp_path / "moe")
-    randomise_routers(moe)
+    randomise_head_routers(moe)
     assert len(head_expert_modules(moe)) == 2
     ids = torch.randint(0, 128, (2, 17))
     sparse = logits(moe, ids)
@@ -102,7 +94,7 @@ def test_sparse_equals_masked(tmp_path, kv_heads, shared, top_k, router):
     src = make_llama(tmp_path / "dense", kv_heads=kv_heads)
     convert(src, tmp_path / "moe", heads_cfg(top_k=top_k, shared=shared, router=router), progress=False)
     moe = surgery.load(tmp_path / "moe")
-    randomise_routers(moe, seed=kv_heads)
+    randomise_head_routers(moe, seed=kv_heads)
     ids = torch.randint(0, 128, (3, 21))
     set_impl(moe, "masked")
     ref = logits(moe, ids)
@@ -149,28 +141,13 @@ def test_sparse_equals_masked_with_padding_mask(tmp_path):
 def test_kv_cache_decode(tmp_path, impl):
     """Prefill then decode steps through the cache give the logits of one full forward (each path), and
     greedy generation with and without the cache agree; sparse decode equals masked decode."""
-    from transformers import DynamicCache
-
-    from surgery.kvcache import returned_cache, with_cache
-
     src = make_llama(tmp_path / "dense", kv_heads=2)
     convert(src, tmp_path / "moe", heads_cfg(top_k=1, shared=1), progress=False)
     moe = surgery.load(tmp_path / "moe")
     set_impl(moe, impl)
     ids = torch.randint(0, 128, (2, 11))
-    full = logits(moe, ids)
-    with torch.no_grad():
-        out = moe(input_ids=ids[:, :8], **with_cache(moe, DynamicCache()), use_cache=True)
-        steps = [out.logits]
-        cache = returned_cache(out)
-        for t in range(8, 11):
-            out = moe(input_ids=ids[:, t:t + 1], **with_cache(moe, cache), use_cache=True)
-            cache = returned_cache(out)
-            steps.append(out.logits)
-    assert relative_error(torch.cat(steps, 1), full) <= SPARSE_TOL
-    prompt = ids[:1, :5]
-    cached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    uncached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert relative_error(decode_through_cache(moe, ids, prefill=8), logits(moe, ids)) <= SPARSE_TOL
+    cached, uncached = greedy_with_and_without_cache(moe, ids[:1, :5])
     assert torch.equal(cached, uncached)
 
 
@@ -238,7 +215,7 @@ def test_sparse_path_skips_unselected_work(tmp_path, monkeypatch):
     src = make_llama(tmp_path / "dense", kv_heads=2)
     convert(src, tmp_path / "moe", heads_cfg(top_k=1, shared=1, router="learned"), progress=False)
     moe = surgery.load(tmp_path / "moe")
-    randomise_routers(moe)
+    randomise_head_routers(moe)
     ids = torch.randint(0, 128, (2, 15))
     set_impl(moe, "masked")
     ref = logits(moe, ids)
@@ -264,7 +241,7 @@ def test_save_load_round_trip_bit_exact(tmp_path, tiny_llama):
     convert(tiny_llama, tmp_path / "a", heads_cfg(top_k=2, shared=1, router="learned", experts=4, ffn_top_k=2),
             progress=False)
     a = surgery.load(tmp_path / "a")
-    randomise_routers(a)
+    randomise_head_routers(a)
     save_converted(a, tmp_path / "b", tokenizer_from=tmp_path / "a")
     b = surgery.load(tmp_path / "b")
     assert json.loads((tmp_path / "b" / "config.json").read_text())["surgery"]["attention"] == \

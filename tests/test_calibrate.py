@@ -13,7 +13,7 @@ from surgery.cli import main
 from surgery.convert import ConvertConfig, convert_model
 from surgery.moe import moe_blocks
 
-from helpers import make_llama
+from helpers import make_llama, stop_after_checkpoint
 
 
 def _sharpen(model):
@@ -107,35 +107,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, pair):
     part = fresh()
     cut = _e2e_cfg()
     cut.e2e.tokens = 1536  # same schedule ...
-    import surgery.calibrate as cal
-
-    real = cal.run_end_to_end
-
-    class Stop(Exception):
-        pass
-
-    def stopping(*a, **k):
-        import surgery.calibrate as c2
-
-        orig = c2._save_ckpt
-
-        def save(folder, state, model, optimizer=None, **kw):
-            orig(folder, state, model, optimizer, **kw)
-            if state.get("step") == 6:
-                raise Stop
-
-        c2._save_ckpt = save
-        try:
-            return real(*a, **k)
-        finally:
-            c2._save_ckpt = orig
-
-    cal.run_end_to_end = stopping
-    try:
-        with pytest.raises(Stop):
-            calibrate(part, teacher, None, cut, ckpt=tmp_path / "b", ids=ids, progress=False)
-    finally:
-        cal.run_end_to_end = real
+    stop_after_checkpoint(lambda: calibrate(part, teacher, None, cut, ckpt=tmp_path / "b", ids=ids, progress=False),
+                          "step", 6)
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 6
     resumed = fresh()
     res = calibrate(resumed, teacher, None, _e2e_cfg(), ckpt=tmp_path / "b", resume=True, ids=ids, progress=False)

@@ -12,7 +12,7 @@ from helpers import WORDS, relative_error
 from surgery.cli import main
 from surgery.convert import ConvertConfig, convert
 from surgery.experts.extend import ExtendConfig, extend_model
-from surgery.experts.prune import PruneConfig, choose_experts, prune_model, reconstruction_keep
+from surgery.experts.prune import prune_model, reconstruction_keep
 from surgery.experts.stats import domain_stats, expert_outputs
 from surgery.modeling import load_model, save_converted
 from surgery.moe import moe_blocks, set_dense_routing

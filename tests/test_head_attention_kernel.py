@@ -28,7 +28,7 @@ import surgery.attention.sparse as sparse_mod  # noqa: E402
 from surgery.attention import head_expert_modules  # noqa: E402
 from surgery.convert import ConvertConfig, convert  # noqa: E402
 
-from helpers import make_llama, relative_error  # noqa: E402
+from helpers import make_llama, randomise_head_routers, relative_error, require_triton  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -36,9 +36,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.fixture(scope="module")
 def kernel():
-    pytest.importorskip("triton")
-    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    require_triton(CUDA)
     from surgery_kernels.head_attention import pair_attention
 
     return pair_attention
@@ -115,12 +113,7 @@ def heads_model(tmp_path, top_k, shared, router="learned", kv_heads=2, heads=4, 
     convert(src, tmp_path / "moe", ConvertConfig(experts=1, top_k=1, attention_experts=True, attention_top_k=top_k,
                                                  shared_heads=shared, head_router=router), progress=False)
     moe = surgery.load(tmp_path / "moe")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in head_expert_modules(moe):
-            if m.router is not None:
-                m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g))
-                m.router.bias.copy_(torch.randn(m.router.bias.shape, generator=g))
+    randomise_head_routers(moe, seed)
     return moe
 
 

@@ -18,30 +18,7 @@ from surgery.cli import main
 from surgery.convert import ConvertConfig, convert_model
 from surgery.errors import SurgeryError
 
-from helpers import make_llama
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_after_checkpoint(run, key: str, value: int) -> None:
-    """Call `run` (a calibration) and kill it right after it saves the checkpoint whose state[key] == value."""
-    import surgery.calibrate as cal
-
-    orig = cal._save_ckpt
-
-    def save(folder, state, model, optimizer=None, **kw):
-        orig(folder, state, model, optimizer, **kw)
-        if state.get(key) == value:
-            raise Stop
-
-    cal._save_ckpt = save
-    try:
-        with pytest.raises(Stop):
-            run()
-    finally:
-        cal._save_ckpt = orig
+from helpers import make_llama, randomise_head_routers, stop_after_checkpoint
 
 
 def _sharpen(model):
@@ -64,14 +41,6 @@ def student_of(src, **kw):
     return convert_model(_sharpen(surgery.load(src)), heads_cfg(**kw))
 
 
-def randomise_routers(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in head_expert_modules(model):
-            m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g))
-            m.router.bias.copy_(torch.randn(m.router.bias.shape, generator=g))
-
-
 IDS = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
 
 
@@ -84,7 +53,7 @@ def lw_only(**kw):
 def test_layerwise_lowers_attention_block_error(src, router, train):
     teacher, student = _sharpen(surgery.load(src)), student_of(src, router=router)
     if router == "learned":
-        randomise_routers(student)
+        randomise_head_routers(student)
     res = calibrate(student, teacher, None, lw_only(head_train=train), ids=IDS, progress=False)
     layers = res["layerwise"]["layers"]
     assert len(layers) == 2
@@ -95,7 +64,7 @@ def test_layerwise_lowers_attention_block_error(src, router, train):
 
 def test_layerwise_router_only_leaves_projections(src):
     teacher, student = _sharpen(surgery.load(src)), student_of(src)
-    randomise_routers(student)
+    randomise_head_routers(student)
     q0 = student.model.layers[1].self_attn.q_proj.weight.detach().clone()
     r0 = student.model.layers[1].self_attn.router.weight.detach().clone()
     calibrate(student, teacher, None, lw_only(head_train="router"), ids=IDS, progress=False)
@@ -136,7 +105,7 @@ def _e2e(**kw):
                                                 ("none", [], ["router.weight", "q_proj.weight"])])
 def test_end_to_end_trains_the_head_parameters_asked_for(src, train, moved, still):
     teacher, student = _sharpen(surgery.load(src)), student_of(src)
-    randomise_routers(student)
+    randomise_head_routers(student)
     before = {k: v.clone() for k, v in student.model.layers[0].self_attn.state_dict().items()}
     mlp0 = {k: v.clone() for k, v in student.model.layers[0].mlp.state_dict().items()}
     res = calibrate(student, teacher, None, _e2e(head_train=train), ids=IDS, progress=False)
@@ -187,7 +156,7 @@ def test_end_to_end_adds_the_head_losses(src):
     from surgery.data import windows_of
 
     teacher, student = _sharpen(surgery.load(src)), student_of(src)
-    randomise_routers(student)
+    randomise_head_routers(student)
     cfg = _e2e(lr=0.0, tokens=256, head_balance=0.5, head_concentration=0.25)
     res = calibrate(student, teacher, None, cfg, ids=IDS, progress=False)
     wins = windows_of(IDS, 64)
@@ -224,7 +193,7 @@ def test_layerwise_resume_with_heads(tmp_path, src):
 
     def fresh():
         m = student_of(src)
-        randomise_routers(m)
+        randomise_head_routers(m)
         return m
 
     full = fresh()

@@ -22,6 +22,7 @@ if not CUDA:
     # Must precede the first import of a module with @triton.jit kernels: the decorator picks the interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import require_triton  # noqa: E402
 from surgery_kernels import ops, reference  # noqa: E402  (never imports triton)
 
 DEV = "cuda" if CUDA else "cpu"
@@ -32,9 +33,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.fixture(scope="module")
 def tm():
     """The Triton modules, imported only when a test needs them (skipped cleanly without triton)."""
-    pytest.importorskip("triton")
-    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    require_triton(CUDA)
     from surgery_kernels import grouping, routing, triton_moe
 
     return dict(grouping=grouping, routing=routing, triton_moe=triton_moe)

@@ -5,7 +5,6 @@ order, so on CPU the NLL is equal bit for bit (asserted with ==)."""
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import surgery

@@ -17,7 +17,7 @@ from surgery.errors import SurgeryError
 from surgery.modeling import save_converted
 from surgery.moe import set_dense_routing
 
-from helpers import make_llama, relative_error
+from helpers import decode_through_cache, greedy_with_and_without_cache, make_llama, relative_error
 
 TOL = 1e-5  # float32 against the float64 loop, max |a - b| / max |b|
 
@@ -150,26 +150,12 @@ def test_dense_routing_is_stick_breaking_over_every_head(tmp_path):
 
 @pytest.mark.parametrize("router", ["qnorm", "learned"])
 def test_kv_cache_decode_and_generate(tmp_path, router):
-    from transformers import DynamicCache
-
-    from surgery.kvcache import returned_cache, with_cache
-
     src = make_llama(tmp_path / "dense", kv_heads=2)
     convert(src, tmp_path / "sb", sb_cfg(top_k=1, shared=1, router=router), progress=False)
     moe = surgery.load(tmp_path / "sb")
     ids = torch.randint(0, 128, (2, 11))
-    full = logits(moe, ids)
-    with torch.no_grad():
-        out = moe(input_ids=ids[:, :8], **with_cache(moe, DynamicCache()), use_cache=True)
-        steps, cache = [out.logits], returned_cache(out)
-        for t in range(8, 11):
-            out = moe(input_ids=ids[:, t:t + 1], **with_cache(moe, cache), use_cache=True)
-            cache = returned_cache(out)
-            steps.append(out.logits)
-    assert relative_error(torch.cat(steps, 1), full) <= TOL
-    prompt = ids[:1, :5]
-    cached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    uncached = moe.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert relative_error(decode_through_cache(moe, ids, prefill=8), logits(moe, ids)) <= TOL
+    cached, uncached = greedy_with_and_without_cache(moe, ids[:1, :5])
     assert torch.equal(cached, uncached)
 
 
