@@ -28,7 +28,8 @@ import surgery.attention.sparse as sparse_mod  # noqa: E402
 from surgery.attention import head_expert_modules  # noqa: E402
 from surgery.convert import ConvertConfig, convert  # noqa: E402
 
-from helpers import make_llama, randomise_head_routers, relative_error, require_triton  # noqa: E402
+from helpers import (decode_through_cache, make_llama, randomise_head_routers, relative_error,  # noqa: E402
+                     require_triton)
 
 DEV = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -198,10 +199,7 @@ def test_sparse_block_with_kernel_equals_masked(tmp_path, kernel, monkeypatch, k
 
 def test_sparse_block_with_kernel_decode(tmp_path, kernel, monkeypatch):
     """Prefill then decode through the KV cache with the kernel gives one full masked forward's logits."""
-    from transformers import DynamicCache
-
     import surgery_kernels.head_attention as ha
-    from surgery.kvcache import returned_cache, with_cache
 
     calls = []
     monkeypatch.setattr(ha, "pair_attention", lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw))
@@ -210,15 +208,9 @@ def test_sparse_block_with_kernel_decode(tmp_path, kernel, monkeypatch):
     full = model_logits(moe, ids, "masked")
     for m in head_expert_modules(moe):
         m.impl, m.sparse_kernel = "sparse", "triton"
-    with torch.no_grad():
-        out = moe(input_ids=ids[:, :9], **with_cache(moe, DynamicCache()), use_cache=True)
-        steps, cache = [out.logits], returned_cache(out)
-        for t in range(9, 12):
-            out = moe(input_ids=ids[:, t:t + 1], **with_cache(moe, cache), use_cache=True)
-            steps.append(out.logits)
-            cache = returned_cache(out)
+    steps = decode_through_cache(moe, ids, prefill=9)
     assert calls == [2 * 9] * 2 + [2] * 6  # the prefill and every decode step went through the kernel
-    assert relative_error(torch.cat(steps, 1), full) <= 1e-4
+    assert relative_error(steps, full) <= 1e-4
 
 
 COMPILE_CHECK = """

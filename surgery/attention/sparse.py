@@ -16,7 +16,8 @@ index_add_.
     by masked sdpa over the keys up to the chunk's last row.
   * Decode (T = 1): each selected token's keys are gathered instead, so a batch is one matmul per head.
   * On CUDA with Triton (and no attention mask): one kernel launch attends every selected (token, head) pair
-    (surgery_kernels/head_attention.py); projections and routing weights stay here.
+    (surgery_kernels/head_attention.py), with no per-head loop around it: the query rows are gathered from
+    the full q projection, and the weighted outputs go through o_proj as one [B*T, H*d] matrix.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def sparse_attention(attn, x_BTD, q_full, k_BGSd, v_BGSd, cos, sin, attention_ma
         y_TD = y_TD + Fn.linear(out.transpose(1, 2).reshape(B * T, len(sh) * d), Wo[:, cols])
 
     if attention_mask is None and _use_kernel(attn, x_BTD):
-        y_TD = y_TD + _routed_by_kernel(attn, query, k_BGSd, v_BGSd, weights_TK, ids_TK, T)
+        y_TD = y_TD + _routed_by_kernel(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weights_TK, ids_TK, T)
         routed = []
     else:
         routed = attn.routed
@@ -216,27 +217,22 @@ def _use_kernel(attn, x) -> bool:
     return kernel == "triton"
 
 
-def _routed_by_kernel(attn, query, k_BGSd, v_BGSd, weights_TK, ids_TK, T):
-    """Every routed head's selected tokens attended in one kernel launch (causal, no padding mask); the query
-    rows, routing weights and o_proj slices per head in PyTorch, as in the loop above. Returns [B*T, D]."""
+def _routed_by_kernel(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weights_TK, ids_TK, T):
+    """Every routed head's selected tokens attended in one kernel launch, with no loop over heads and no host
+    sync: a token selects K distinct routed heads, so the pairs are exactly (t, ids[t, k]) for every t and k.
+    Their query rows come from the full q projection (made here when the router did not need it: on a GPU one
+    dense projection costs less than a launch per head), and their weighted outputs are placed in a
+    [B*T, H*d] matrix, zeros for the heads a token skipped, that goes through o_proj once. Returns [B*T, D]."""
     from surgery_kernels.head_attention import pair_attention
 
-    d, group, S_k = attn.head_dim, attn.heads // attn.kv_heads, k_BGSd.shape[2]
-    toks, qs, ws, gs = [], [], [], []
-    for r, h in enumerate(attn.routed):
-        hit = ids_TK == r
-        tok = hit.any(-1).nonzero().squeeze(-1)
-        toks.append(tok)
-        ws.append((weights_TK * hit).sum(-1)[tok])
-        qs.append(query(h, tok))
-        gs.append(torch.full_like(tok, h // group))
-    tok_N = torch.cat(toks)
-    o_N = pair_attention(torch.cat(qs), tok_N // T, torch.cat(gs), S_k - T + tok_N % T, k_BGSd, v_BGSd,
-                         attn.scaling)
-    y_TD = torch.zeros(weights_TK.shape[0], attn.o_proj.weight.shape[0], dtype=o_N.dtype, device=o_N.device)
-    start = 0
-    for h, tok, w in zip(attn.routed, toks, ws):
-        o = o_N[start:start + len(tok)] * w.to(o_N.dtype)[:, None]
-        y_TD.index_add_(0, tok, Fn.linear(o, attn.o_proj.weight[:, h * d:(h + 1) * d]))
-        start += len(tok)
-    return y_TD
+    H, d, group, S_k = attn.heads, attn.head_dim, attn.heads // attn.kv_heads, k_BGSd.shape[2]
+    BT, K = ids_TK.shape
+    if q_full is None:
+        q_full = attn.q_proj(x_TD).view(BT, H, d)
+    tok_N = torch.arange(BT, device=x_TD.device).repeat_interleave(K)
+    h_N = torch.as_tensor(attn.routed, device=x_TD.device)[ids_TK.reshape(-1)]
+    q_N = rope(q_full[tok_N, h_N], cos_Td[tok_N], sin_Td[tok_N])
+    o_N = pair_attention(q_N, tok_N // T, h_N // group, S_k - T + tok_N % T, k_BGSd, v_BGSd, attn.scaling)
+    o_BTHd = o_N.new_zeros(BT, H, d)
+    o_BTHd[tok_N, h_N] = o_N * weights_TK.reshape(-1, 1).to(o_N.dtype)
+    return Fn.linear(o_BTHd.view(BT, H * d), attn.o_proj.weight)
