@@ -200,6 +200,11 @@ def run_summary(report: dict) -> str:
             conv.append("-" if v is None else f"{v:.2f} ({v / ppl[f'dense/{d}']:.2f}x)")
         rows.append([f"converted ({final})", f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *conv,
                      f"{speed.get('converted_tokens_per_s', float('nan')):.0f}"])
+    if any(k.startswith("static/") for k in ppl):  # the baseline the conversion must beat (same budget)
+        base = [f"{ppl[f'static/{d}']:.2f} ({ppl[f'static/{d}'] / ppl[f'dense/{d}']:.2f}x)"
+                if f"static/{d}" in ppl else "-" for d in datasets]
+        rows.append(["static pruning, same e2e budget", f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *base,
+                     "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -40,6 +40,12 @@ class EvaluateConfig:
     # Evaluate the e2e stage's snapshots (e2e.snapshots) on the first dataset: perplexity against
     # calibration time from one run.
     snapshots: bool = True
+    # Also build static structured pruning at the converted model's active FFN fraction (one fixed neuron subset
+    # per layer, chosen from the same profile, bias-compensated), distil it with the recipe's end-to-end
+    # budget on the same calibration text, and evaluate it on the same datasets: the report then shows
+    # the baseline a conversion has to beat (issue: "a MoE that does not beat static pruning at equal active
+    # width and equal budget has no reason to exist") beside the converted model.
+    static_baseline: bool = False
 
 
 @dataclass
@@ -239,7 +245,12 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             del student
         prev = s
     # 5. evaluate
-    report = _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress)
+    def e2e_ids(tokens: int):  # the calibration text the e2e stage read (None: calibrate reads the file itself)
+        data = recipe.calibration_data
+        return sampled(tokens, data) if data in ("sample", "mix") else calibration_ids(tokenizer, data, tokens)
+
+    report = _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress,
+                       e2e_ids)
     report["recipe_file"] = recipe_path
     if recipe.export:
         report["exports"] = _export(recipe, out, stage_dir(model_stages[-1]), state)
@@ -366,7 +377,35 @@ def _dense_cache_key(src: Path, data: Path, tokens: int, ctx: int, dtype: str) -
     return h.hexdigest()[:16]
 
 
-def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress):
+def _static_baseline(recipe: Recipe, src: Path, out: Path, keep: float, get_dense, e2e_ids, device: str,
+                     progress: bool):
+    """The static-pruning baseline at `keep` of the FFN, distilled like the recipe's e2e stage (same tokens,
+    context, batch, learning rate and text; every decoder-layer weight). In memory only; returns (model, info)."""
+    from surgery.calibrate import EndToEndConfig, run_end_to_end
+    from surgery.modeling import load_model
+    from surgery.profile import load_profile
+    from surgery_evals.baselines import apply_baseline
+
+    t0 = time.time()
+    model = load_model(src, dtype=recipe.dtype, device=device)
+    stats, _ = load_profile(out / "profile.pt")
+    apply_baseline(model, "static", keep, stats, seed=recipe.seed)
+    info = {"keep": keep, "tokens": 0}
+    if recipe.e2e is not None:
+        e2e = EndToEndConfig(**recipe.e2e)
+        cfg = EndToEndConfig(tokens=e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr, train="all")
+        teacher = get_dense()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        r = run_end_to_end(model, teacher, e2e_ids(cfg.tokens), cfg, recipe.seed, progress=progress)
+        info.update(tokens=r["tokens"], first_kd=r["history"][0]["kd"], last_kd=r["history"][-1]["kd"])
+    info["seconds"] = round(time.time() - t0, 2)
+    model.eval()
+    return model, info
+
+
+def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress,
+              e2e_ids=None):
     from surgery.data import resolve_data
     from surgery.demo import cache_dir
     from surgery.modeling import load_model
@@ -420,13 +459,25 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
                 state.data["expert_load"] = load
             record({**r, "stage": names[s], "dataset": ds})
         del model
+    moe_cfg = json.loads((stage_dir(model_stages[-1]) / "config.json").read_text())["surgery"]
+    if ec.static_baseline and any(("static", ds) not in done for ds in ec.datasets):
+        keep = moe_cfg["active_ffn_fraction"]
+        model, info = _static_baseline(recipe, src, out, keep, get_dense, e2e_ids, device, progress)
+        for ds, max_tokens in ec.datasets.items():
+            if ("static", ds) not in done:
+                r = perplexity(model, tokenizer, resolve_data(EVAL_DATA.get(ds, ds)), max_tokens, ec.ctx,
+                               ec.batch_size, progress)
+                record({**r, "stage": "static", "dataset": ds, "active_ffn_fraction": keep})
+        state.mark("static-baseline", info)
+        del model
     curve = _snapshot_curve(ec, state, stage_dir(model_stages[-1]), tokenizer, device, progress)
     speed = state.data.get("speed")
     if speed is None:
         speed = _prefill_speed(get_dense(), stage_dir(model_stages[-1]), device)
         state.data["speed"] = speed
         state.mark("speed", speed)
-    stages_info = {k: v for k, v in state.data["stages"].items() if k not in ("evaluate-partial", "speed")}
+    stages_info = {k: v for k, v in state.data["stages"].items()
+                   if k not in ("evaluate-partial", "speed", "static-baseline")}
     order = ["profile", "convert", "layerwise", "e2e"]
     cum, seconds_to, tokens_to, tok = 0.0, {}, {}, 0
     for k in order:
@@ -437,7 +488,6 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
                 seconds_to[names[k]] = round(cum, 1)
                 tokens_to[names[k]] = tok
     evaluations = list(done.values())
-    moe_cfg = json.loads((stage_dir(model_stages[-1]) / "config.json").read_text())["surgery"]
     report = {
         "recipe": asdict(recipe),
         "method": f"{moe_cfg['method']} E{moe_cfg['num_experts']} S{moe_cfg['shared_experts']} "
@@ -455,6 +505,8 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
         "speed": speed,
         "machine": machine(),
     }
+    if ec.static_baseline:
+        report["static_baseline"] = state.data["stages"].get("static-baseline")
     if load:
         plot_expert_load(load["fractions"], out / "expert_load.png", f"{recipe.name}: expert load ({load['dataset']})")
     points = [{"label": e["stage"], "active": e.get("active_ffn_fraction", 1.0), "dataset": e["dataset"],

@@ -65,6 +65,29 @@ def test_recipe_runs_and_resumes(tmp_path, text_file):
     assert again["perplexity"] == report["perplexity"]
 
 
+def test_recipe_reports_static_pruning_at_the_same_budget(tmp_path, text_file, monkeypatch):
+    import surgery.recipe as recipe_mod
+
+    src = make_llama(tmp_path / "dense", ffn=96)
+    path = _recipe(tmp_path, src, text_file, layerwise=None,
+                   evaluate={"ctx": 64, "datasets": {str(text_file): 256}, "static_baseline": True})
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["run", str(path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "static pruning, same e2e budget" in r.output
+    report = json.loads((out / "report.json").read_text())
+    static = [e for e in report["evaluations"] if e["stage"] == "static"]
+    assert len(static) == 1 and static[0]["active_ffn_fraction"] == report["active_ffn_fraction"] == 0.5
+    assert static[0]["perplexity"] != report["perplexity"][f"e2e/{text_file}"]
+    info = report["static_baseline"]
+    assert info["keep"] == 0.5 and info["tokens"] == report["stages"]["e2e"]["tokens"] == 256
+    assert "static-baseline" not in report["stages"]  # not part of the pipeline's time
+    # a rerun keeps the recorded baseline and does not train it again
+    monkeypatch.setattr(recipe_mod, "_static_baseline", lambda *a, **k: pytest.fail("static baseline redone"))
+    again = run_recipe(Recipe.load(path), out, progress=False)
+    assert again["perplexity"][f"static/{text_file}"] == report["perplexity"][f"static/{text_file}"]
+
+
 def test_recipe_resumes_after_a_lost_stage(tmp_path, text_file):
     src = make_llama(tmp_path / "dense", ffn=96)
     path = _recipe(tmp_path, src, text_file, e2e=None, evaluate={"ctx": 64, "datasets": {str(text_file): 128}})
