@@ -146,10 +146,60 @@ def apply_baseline(model, kind: str, keep: float, stats=None, granularity: int =
     return model
 
 
+def save_static(model, out, tokenizer_from=None, overwrite: bool = False) -> Path:
+    """The static baseline as a stock Llama checkpoint that any Llama runtime loads: intermediate_size = the
+    neurons kept, and mlp_bias when the dropped neurons' mean output is compensated (the gate and up biases
+    are then zero). Written atomically."""
+    import json
+    from pathlib import Path
+
+    from surgery.atomic import atomic_dir
+    from surgery.modeling import copy_tokenizer_files
+    from surgery.safetensors_io import parse_size, write_state_dict
+
+    mlps = [layer.mlp for layer in model.model.layers]
+    if not all(isinstance(m, StaticFFN) for m in mlps):
+        raise SurgeryError("--save: only the static baseline is a model of its own (the others need the dense FFN)")
+    widths = {m.gate_proj.weight.shape[0] for m in mlps}
+    if len(widths) != 1:
+        raise SurgeryError(f"--save: layers kept different widths {sorted(widths)}; a Llama config has one")
+    bias = any(m.down_proj.bias is not None for m in mlps)
+    cfg = model.config.to_dict()
+    cfg.update(intermediate_size=widths.pop(), mlp_bias=bias)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    if bias:
+        for l, m in enumerate(mlps):
+            pre = f"model.layers.{l}.mlp."
+            state[pre + "gate_proj.bias"] = torch.zeros_like(m.gate_proj.weight[:, 0])
+            state[pre + "up_proj.bias"] = torch.zeros_like(m.up_proj.weight[:, 0])
+            state.setdefault(pre + "down_proj.bias", torch.zeros_like(m.down_proj.weight[:, 0]))
+    cfg["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_state_dict(tmp, state, parse_size("5GB"))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if tokenizer_from is not None:
+            src = Path(tokenizer_from)
+            copy_tokenizer_files(src if src.is_dir() else src.parent, tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+    return Path(out)
+
+
+def reload_check(model, folder, vocab: int, tokens: int = 32) -> float:
+    """Max |logit difference| between `model` and the checkpoint at `folder` loaded by stock transformers."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    stock = AutoModelForCausalLM.from_pretrained(str(folder), dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        return (stock(ids).logits.float() - model(ids).logits.float()).abs().max().item()
+
+
 def run_baseline(model_path, kind: str, keep: float, profile_path=None, granularity: int = 1,
                  compensate: bool = True, calibrate_tokens: int = 0, calibrate_ctx: int = 256, lr: float = 1e-4,
                  datasets: dict | None = None, ctx: int = 1024, seed: int = 0, device: str = "cpu",
-                 progress: bool = True, calibrate_data=None) -> dict:
+                 progress: bool = True, calibrate_data=None, save=None, overwrite: bool = False) -> dict:
     """Apply a baseline to the dense model at `model_path`, optionally calibrate it (static only: the MoE
     recipes' end-to-end distillation, every decoder-layer weight, on `calibrate_data` as `calibration_ids`
     reads it: None for WikiText-2 valid, "mix" for the recipes' corpus), and evaluate it. Returns a JSON-ready
@@ -167,6 +217,13 @@ def run_baseline(model_path, kind: str, keep: float, profile_path=None, granular
         raise SurgeryError(f"--calibrate-tokens: only the static baseline is trained (not {kind})")
     if calibrate_data is not None and not calibrate_tokens:
         raise SurgeryError("--data is the calibration text: it goes with --calibrate-tokens")
+    if save is not None:
+        from pathlib import Path
+
+        if kind != "static":
+            raise SurgeryError(f"--save: only the static baseline is a model of its own (not {kind})")
+        if Path(save).exists() and not overwrite:
+            raise SurgeryError(f"{save}: already exists (choose another path or pass --overwrite)")
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device=device)
     t0 = time.time()
@@ -195,6 +252,11 @@ def run_baseline(model_path, kind: str, keep: float, profile_path=None, granular
                                  "first_kd": r["history"][0]["kd"], "last_kd": r["history"][-1]["kd"]}
         del teacher
     result["prepare_seconds"] = round(time.time() - t0, 1)
+    if save is not None:
+        model.eval()
+        save_static(model, save, tokenizer_from=model_path, overwrite=overwrite)
+        result["saved"] = {"path": str(save), "reloaded_by": "transformers.AutoModelForCausalLM",
+                           "max_abs_logit_diff": reload_check(model, save, model.config.vocab_size)}
     result["evaluations"] = {}
     for name, n in (datasets or {"wikitext": 40960, "stdlib": 40960}).items():
         data = resolve_data({"wikitext": "wikitext-test"}.get(name, name))

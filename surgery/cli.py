@@ -600,11 +600,15 @@ def run_cmd(recipe_path, out, json_path):
                    "wikitext-valid]")
 @click.option("--max-tokens", type=int, default=40960, show_default=True,
               help="Evaluation tokens on each of WikiText-2 test and stdlib source.")
+@click.option("--save", type=click.Path(), default=None,
+              help="static: also write the pruned (and distilled) model here as a stock Llama checkpoint "
+                   "(narrower FFN; mlp_bias when compensated), reloaded by transformers and compared.")
+@click.option("--overwrite", is_flag=True, help="With --save: replace an existing folder.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_path", type=click.Path(), help="Also write the result JSON here.")
 @_friendly
 def baseline_cmd(kind, model_path, keep, granularity, profile_path, no_compensate, calibrate_tokens, lr,
-                 calibrate_data, max_tokens, device, json_path):
+                 calibrate_data, max_tokens, save, overwrite, device, json_path):
     """Ceilings and baselines for a conversion, on the DENSE model, evaluated like the recipes.
 
     \b
@@ -616,7 +620,7 @@ def baseline_cmd(kind, model_path, keep, granularity, profile_path, no_compensat
 
     _emit(run_baseline(model_path, kind, keep, profile_path, granularity, not no_compensate, calibrate_tokens,
                        lr=lr, datasets={"wikitext": max_tokens, "stdlib": max_tokens}, device=device,
-                       calibrate_data=calibrate_data), json_path)
+                       calibrate_data=calibrate_data, save=save, overwrite=overwrite), json_path)
 
 
 @main.command("quality-table")

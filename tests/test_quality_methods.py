@@ -239,3 +239,27 @@ def test_static_baseline_calibrates_on_the_data_it_is_given(tiny, text_file):
     cal = r["calibration"]
     assert cal["data"] == str(text_file) and cal["tokens"] == 256 and math.isfinite(cal["last_kd"])
     assert math.isfinite(r["evaluations"][str(text_file)]["perplexity"])
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_static_baseline_saves_a_stock_llama(tiny, text_file, tmp_path, compensate):
+    """--save writes the pruned model as a plain Llama checkpoint (narrower FFN, mlp_bias when compensated)
+    that stock transformers loads to the same logits; other baselines and an existing folder are refused."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from surgery_evals.baselines import run_baseline
+
+    out = tmp_path / "static"
+    r = run_baseline(tiny, "static", 0.5, compensate=compensate, datasets={str(text_file): 128}, ctx=64,
+                     progress=False, save=out)
+    assert r["saved"]["max_abs_logit_diff"] < 1e-5
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["intermediate_size"] == 48 and cfg["mlp_bias"] is compensate and (out / "tokenizer.json").is_file()
+    stock = AutoModelForCausalLM.from_pretrained(str(out))
+    assert stock.model.layers[0].mlp.gate_proj.weight.shape == (48, 64)
+    with pytest.raises(SurgeryError, match="already exists"):
+        run_baseline(tiny, "static", 0.5, datasets={str(text_file): 128}, ctx=64, progress=False, save=out)
+    with pytest.raises(SurgeryError, match="only the static baseline"):
+        run_baseline(tiny, "oracle", 0.5, progress=False, save=tmp_path / "o")
