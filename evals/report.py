@@ -148,17 +148,22 @@ def quality_rows(folder) -> list[dict]:
         for e in r["evaluations"]:
             if e["stage"] == "dense":
                 continue
+            static = e["stage"] == "static"  # the recipe's static-pruning baseline (evaluate.static_baseline)
+            base = r.get("static_baseline") or {}
             rows.append({"file": p.name, "recipe": r.get("recipe", {}).get("name", p.stem),
-                         "method": r.get("method", ""), "stage": e["stage"], "dataset": e["dataset"],
+                         "method": "static pruning, bias-compensated" if static else r.get("method", ""),
+                         "stage": e["stage"], "dataset": e["dataset"],
                          "active": e.get("active_ffn_fraction"), "perplexity": e["perplexity"],
                          "ratio": e["perplexity"] / dense[e["dataset"]] if e["dataset"] in dense else None,
-                         "tokens": r.get("calibration_tokens", {}).get(e["stage"], 0),
-                         "seconds": r.get("seconds_to_stage", {}).get(e["stage"]),
+                         "tokens": base.get("tokens", 0) if static
+                         else r.get("calibration_tokens", {}).get(e["stage"], 0),
+                         "seconds": base.get("seconds") if static else r.get("seconds_to_stage", {}).get(e["stage"]),
                          "machine": r.get("machine", {}).get("summary", "")})
     return rows
 
 
-STAGE_NAMES = {"converted": "none", "layerwise": "layer-wise", "e2e": "layer-wise + end-to-end"}
+STAGE_NAMES = {"converted": "none", "layerwise": "layer-wise", "e2e": "layer-wise + end-to-end",
+               "static": "end-to-end (the recipe's e2e budget)"}
 
 
 def quality_table(folder) -> str:

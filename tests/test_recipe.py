@@ -155,13 +155,17 @@ def test_quality_table_from_reports(tmp_path):
               "evaluations": [
                   {"stage": "dense", "dataset": "wikitext", "perplexity": 20.0, "active_ffn_fraction": 1.0},
                   {"stage": "converted", "dataset": "wikitext", "perplexity": 80.0, "active_ffn_fraction": 0.5},
-                  {"stage": "e2e", "dataset": "wikitext", "perplexity": 30.0, "active_ffn_fraction": 0.5}]}
+                  {"stage": "e2e", "dataset": "wikitext", "perplexity": 30.0, "active_ffn_fraction": 0.5},
+                  {"stage": "static", "dataset": "wikitext", "perplexity": 25.0, "active_ffn_fraction": 0.5}],
+              "static_baseline": {"keep": 0.5, "tokens": 64, "seconds": 5.0}}
     (tmp_path / "r.json").write_text(json.dumps(report))
     r = CliRunner().invoke(main, ["quality-table", str(tmp_path)])
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
-    assert len(lines) == 4  # header, rule, two stages in calibration order
+    assert len(lines) == 5  # header, rule, two stages in calibration order, then the static baseline
     assert "| none | 50% | 80.00 (4.00x)" in lines[2] and "layer-wise + end-to-end | 50% | 30.00 (1.50x)" in lines[3]
+    assert "| static pruning, bias-compensated | end-to-end (the recipe's e2e budget) | 50% | 25.00 (1.25x)" in lines[4]
+    assert "| 64 | 5.0 |" in lines[4]
     bad = CliRunner().invoke(main, ["quality-table", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "no such folder" in bad.output
 
