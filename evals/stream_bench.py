@@ -102,6 +102,11 @@ def synthetic(args) -> dict:
                         "--json", str(work / "stream.json"))
         s = json.loads((work / "stream.json").read_text())
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        ev = None
+        if args.eval_tokens:  # the converted model evaluated layer by layer (`eval perplexity --stream`)
+            eval_s = _cli("eval", "perplexity", str(out), "--stream", "--max-tokens", str(args.eval_tokens),
+                          "--ctx", str(min(1024, args.eval_tokens)), "--json", str(work / "eval.json"))
+            ev = {**json.loads((work / "eval.json").read_text()), "wall_seconds": round(eval_s, 1)}
     finally:
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -130,6 +135,8 @@ def synthetic(args) -> dict:
         "projection_32_layers": {"label": "PROJECTION from the measured per-layer means, not a measurement",
                                  "checkpoint_bytes": full, "seconds": round(projected, 0),
                                  "peak_rss_bytes": "per-layer peaks are flat in depth: the measured peak"},
+        "streamed_evaluation": ev,
+        "measured_total_seconds": round(gen_s + stream_s + (ev["wall_seconds"] if ev else 0), 1),
         "command": " ".join(sys.argv), "machine": machine()["summary"], "threads": torch.get_num_threads(),
     }
 
@@ -143,6 +150,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--shrink", type=int, default=1, help="synthetic: divide the 7B widths (a smoke test)")
     ap.add_argument("--work", default="runs/h13a-bench")
+    ap.add_argument("--eval-tokens", type=int, default=0,
+                    help="synthetic: then evaluate the converted model on this many tokens, layer by layer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     res = demo(args) if args.what == "demo" else synthetic(args)
