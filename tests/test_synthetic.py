@@ -89,9 +89,10 @@ def test_streamed_peak_memory_is_flat_in_layers_and_below_the_model(tmp_path):
     print(f"\nlayer {layer_f32 / 1e6:.0f} MB, model {model_f32 / 1e6:.0f} MB (float32): peak grew "
           f"{grown / 1e6:.0f} MB; per-layer peaks (MB) {[round(p / 1e6) for p in peaks]}")
     assert len(peaks) == layers
-    # Flat: the last layers peak no higher than the first three plus a tenth of a layer. Keeping the layers
-    # would add a layer's worth per layer.
-    assert max(peaks[-4:]) <= max(peaks[:3]) + layer_f32 // 10
+    # Flat: the last layers peak no higher than the first three plus half a layer. Keeping the layers would
+    # add a layer's worth per layer (9 layers between the two windows); even keeping 6% of each would exceed
+    # this. (A tenth of a layer, 5 MB here, was within the allocator's noise: one CI run peaked 6.4 MB higher.)
+    assert max(peaks[-4:]) <= max(peaks[:3]) + layer_f32 // 2
     # Bounded: the layer in float32, its experts (an FFN's worth), the conversion's and calibration's
     # intermediates stay under 5 layers' worth; the whole model is more than 13.
     assert grown < 5 * layer_f32 < model_f32 / 2.5
