@@ -31,3 +31,18 @@ def test_bench_kernels_quick_cpu_schema(tmp_path):
         got = {r["impl"]: r for r in rows if (r["shape"], r["experts"], r["top_k"], r["tokens"]) == key}
         assert set(got) == {"ours", "dense", "ideal"}
         assert got["dense"]["ratio_to_dense"] == 1.0 and got["ideal"]["ratio_to_ideal"] == 1.0
+
+
+def test_ffn_block_breakdown_times_every_piece(tmp_path):
+    """evals/ffn_block_breakdown.py on a tiny converted model: every piece timed, for each token count."""
+    from helpers import make_llama
+    from surgery.convert import ConvertConfig, convert
+    from surgery_evals.ffn_block_breakdown import main
+
+    src = make_llama(tmp_path / "dense", ffn=96)
+    convert(src, tmp_path / "moe", ConvertConfig(experts=6, shared_experts=2, top_k=2), progress=False)
+    r = main(["--converted", str(tmp_path / "moe"), "--dense", str(src), "--layer", "1", "--tokens", "1,4",
+              "--rounds", "1", "--calls", "3", "--json", str(tmp_path / "b.json")])
+    pieces = {"dense", "block", "routing+masked", "masked", "sorted", "grouped", "two matmuls"}
+    assert set(r["tokens"]) == {1, 4} and all(set(v) == pieces and min(v.values()) > 0 for v in r["tokens"].values())
+    assert json.loads((tmp_path / "b.json").read_text())["layer"] == 1
