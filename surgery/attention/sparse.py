@@ -230,7 +230,10 @@ def _routed_by_kernel(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weight
     if q_full is None:
         q_full = attn.q_proj(x_TD).view(BT, H, d)
     tok_N = torch.arange(BT, device=x_TD.device).repeat_interleave(K)
-    h_N = torch.as_tensor(attn.routed, device=x_TD.device)[ids_TK.reshape(-1)]
+    routed = getattr(attn, "_routed_heads", None)  # the routed heads' ids, made once per device (no copy a call)
+    if routed is None or routed.device != x_TD.device:
+        routed = attn._routed_heads = torch.as_tensor(attn.routed, device=x_TD.device)
+    h_N = routed[ids_TK.reshape(-1)]
     q_N = rope(q_full[tok_N, h_N], cos_Td[tok_N], sin_Td[tok_N])
     o_N = pair_attention(q_N, tok_N // T, h_N // group, S_k - T + tok_N % T, k_BGSd, v_BGSd, attn.scaling)
     o_BTHd = o_N.new_zeros(BT, H, d)
