@@ -15,9 +15,24 @@ SCRIPT = ROOT / "evals" / "gpu_check.sh"
 STAGES = ["receive", "env", "demo", "tests", "kernels", "model", "attention", "recipe"]
 
 
-def run(*args, env=None, cwd=ROOT):
+def run(*args, env=None, cwd=ROOT, script=SCRIPT):
     e = dict(os.environ, **(env or {}))
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=e, cwd=cwd)
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=e, cwd=cwd)
+
+
+def run_in_copy(tmp_path, *args, env):
+    """The script run from a copy of it in a fresh tree under tmp_path (its results/ land there, not in the
+    repository). Returns (completed process, the tree)."""
+    work = tmp_path / "tree"
+    (work / "evals").mkdir(parents=True)
+    (work / "evals" / "gpu_check.sh").write_text(SCRIPT.read_text())
+    return run(*args, env=env, cwd=work, script=work / "evals" / "gpu_check.sh"), work
+
+
+def failing_env(tmp_path):
+    """Nothing carried and no venv: the demo stage fails (no GGUF parts), and so does kernels (no surgery)."""
+    return {"GPU_CHECK_STASH": str(tmp_path / "stash"), "GPU_CHECK_NAME": "testgpu", "GPU_CHECK_ALLOW_NO_GPU": "1",
+            "SURGERY_CACHE": str(tmp_path / "cache")}
 
 
 def test_dry_run_lists_every_stage_in_order_within_25_minutes():
@@ -61,11 +76,7 @@ def test_receive_stage_keeps_what_was_carried_and_writes_a_timed_summary(tmp_pat
     (carry / "part1").mkdir()
     (carry / "part1" / "a.part-aa").write_text("1")
     env = {"GPU_CHECK_CARRY": str(carry), "GPU_CHECK_STASH": str(stash), "GPU_CHECK_NAME": "testgpu"}
-    work = tmp_path / "tree"
-    (work / "evals").mkdir(parents=True)
-    (work / "evals" / "gpu_check.sh").write_text(SCRIPT.read_text())
-    r = subprocess.run(["bash", "evals/gpu_check.sh", "--stages", "receive"], capture_output=True, text=True,
-                       env=dict(os.environ, **env), cwd=work)
+    r, work = run_in_copy(tmp_path, "--stages", "receive", env=env)
     assert r.returncode == 0, r.stderr
     assert (stash / "wheels" / "x.whl").read_text() == "w" and (stash / "a.part-aa").read_text() == "1"
     summary = json.loads((work / "results" / "gpu-check" / "gpu-check-testgpu.json").read_text())
@@ -76,13 +87,7 @@ def test_receive_stage_keeps_what_was_carried_and_writes_a_timed_summary(tmp_pat
 
 def test_a_failing_stage_stops_the_check_with_its_name(tmp_path):
     # The demo stage with nothing carried fails (no GGUF parts), and says so; later stages do not run.
-    work = tmp_path / "tree"
-    (work / "evals").mkdir(parents=True)
-    (work / "evals" / "gpu_check.sh").write_text(SCRIPT.read_text())
-    env = {"GPU_CHECK_STASH": str(tmp_path / "stash"), "GPU_CHECK_NAME": "testgpu", "GPU_CHECK_ALLOW_NO_GPU": "1",
-           "SURGERY_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run(["bash", "evals/gpu_check.sh", "--stages", "demo,kernels"], capture_output=True, text=True,
-                       env=dict(os.environ, **env), cwd=work)
+    r, work = run_in_copy(tmp_path, "--stages", "demo,kernels", env=failing_env(tmp_path))
     assert r.returncode == 1
     assert "no parts of SmolLM2-135M-Instruct.Q4_1.gguf" in r.stderr and "stage 'demo' failed" in r.stderr
     summary = json.loads((work / "results" / "gpu-check" / "gpu-check-testgpu.json").read_text())
@@ -92,13 +97,7 @@ def test_a_failing_stage_stops_the_check_with_its_name(tmp_path):
 def test_keep_going_runs_the_later_stages_and_still_fails(tmp_path):
     # Both stages fail here (no GGUF parts; no venv holding surgery): with --keep-going both are tried and
     # recorded, and the script still ends with status 1 naming them.
-    work = tmp_path / "tree"
-    (work / "evals").mkdir(parents=True)
-    (work / "evals" / "gpu_check.sh").write_text(SCRIPT.read_text())
-    env = {"GPU_CHECK_STASH": str(tmp_path / "stash"), "GPU_CHECK_NAME": "testgpu", "GPU_CHECK_ALLOW_NO_GPU": "1",
-           "SURGERY_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run(["bash", "evals/gpu_check.sh", "--stages", "demo,kernels", "--keep-going"],
-                       capture_output=True, text=True, env=dict(os.environ, **env), cwd=work)
+    r, work = run_in_copy(tmp_path, "--stages", "demo,kernels", "--keep-going", env=failing_env(tmp_path))
     assert r.returncode == 1
     assert "--keep-going: on to the next stage" in r.stderr and "failed stages: demo kernels" in r.stderr
     summary = json.loads((work / "results" / "gpu-check" / "gpu-check-testgpu.json").read_text())
