@@ -17,6 +17,8 @@ Groups for the oracle come from the same co-activation clustering as the convers
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as Fn
 from torch import nn
@@ -150,12 +152,7 @@ def save_static(model, out, tokenizer_from=None, overwrite: bool = False) -> Pat
     """The static baseline as a stock Llama checkpoint that any Llama runtime loads: intermediate_size = the
     neurons kept, and mlp_bias when the dropped neurons' mean output is compensated (the gate and up biases
     are then zero). Written atomically."""
-    import json
-    from pathlib import Path
-
-    from surgery.atomic import atomic_dir
-    from surgery.modeling import copy_tokenizer_files
-    from surgery.safetensors_io import parse_size, write_state_dict
+    from surgery.modeling import write_model_folder
 
     mlps = [layer.mlp for layer in model.model.layers]
     if not all(isinstance(m, StaticFFN) for m in mlps):
@@ -166,24 +163,14 @@ def save_static(model, out, tokenizer_from=None, overwrite: bool = False) -> Pat
     bias = any(m.down_proj.bias is not None for m in mlps)
     cfg = model.config.to_dict()
     cfg.update(intermediate_size=widths.pop(), mlp_bias=bias)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if bias:
         for l, m in enumerate(mlps):
             pre = f"model.layers.{l}.mlp."
             state[pre + "gate_proj.bias"] = torch.zeros_like(m.gate_proj.weight[:, 0])
             state[pre + "up_proj.bias"] = torch.zeros_like(m.up_proj.weight[:, 0])
             state.setdefault(pre + "down_proj.bias", torch.zeros_like(m.down_proj.weight[:, 0]))
-    cfg["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_state_dict(tmp, state, parse_size("5GB"))
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if tokenizer_from is not None:
-            src = Path(tokenizer_from)
-            copy_tokenizer_files(src if src.is_dir() else src.parent, tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(tmp))
-    return Path(out)
+    return write_model_folder(out, model, state, cfg, tokenizer_from, overwrite=overwrite)
 
 
 def reload_check(model, folder, vocab: int, tokens: int = 32) -> float:
@@ -196,6 +183,18 @@ def reload_check(model, folder, vocab: int, tokens: int = 32) -> float:
         return (stock(ids).logits.float() - model(ids).logits.float()).abs().max().item()
 
 
+def distil(model, teacher, ids: torch.Tensor, cfg, seed: int = 0, progress: bool = True) -> dict:
+    """The MoE recipes' end-to-end distillation (`cfg`: an EndToEndConfig) applied to a baseline model, the
+    frozen dense teacher's logits as targets. Returns the tokens, seconds and first and last KD loss."""
+    from surgery.calibrate import run_end_to_end
+
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    r = run_end_to_end(model, teacher, ids, cfg, seed, progress=progress)
+    return {"tokens": r["tokens"], "seconds": r["seconds"], "first_kd": r["history"][0]["kd"],
+            "last_kd": r["history"][-1]["kd"]}
+
+
 def run_baseline(model_path, kind: str, keep: float, profile_path=None, granularity: int = 1,
                  compensate: bool = True, calibrate_tokens: int = 0, calibrate_ctx: int = 256, lr: float = 1e-4,
                  datasets: dict | None = None, ctx: int = 1024, seed: int = 0, device: str = "cpu",
@@ -206,7 +205,7 @@ def run_baseline(model_path, kind: str, keep: float, profile_path=None, granular
     dict."""
     import time
 
-    from surgery.calibrate import EndToEndConfig, run_end_to_end
+    from surgery.calibrate import EndToEndConfig
     from surgery.data import resolve_data
     from surgery.modeling import load_model, load_tokenizer
     from surgery.profile import ProfileConfig, calibration_ids, load_profile, profile_model
@@ -218,8 +217,6 @@ def run_baseline(model_path, kind: str, keep: float, profile_path=None, granular
     if calibrate_data is not None and not calibrate_tokens:
         raise SurgeryError("--data is the calibration text: it goes with --calibrate-tokens")
     if save is not None:
-        from pathlib import Path
-
         if kind != "static":
             raise SurgeryError(f"--save: only the static baseline is a model of its own (not {kind})")
         if Path(save).exists() and not overwrite:
@@ -240,16 +237,14 @@ def run_baseline(model_path, kind: str, keep: float, profile_path=None, granular
               "compensate": compensate if kind == "static" else None, "model": str(model_path)}
     if calibrate_tokens:
         teacher = load_model(model_path, device=device)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
         cfg = EndToEndConfig(tokens=calibrate_tokens, ctx=calibrate_ctx, batch_size=2, lr=lr, train="all")
         t_data = time.time()
         ids = calibration_ids(tokenizer, calibrate_data, calibrate_tokens, teacher, seed, progress)
         data_seconds = round(time.time() - t_data, 1)
-        r = run_end_to_end(model, teacher, ids, cfg, seed, progress=progress)
+        r = distil(model, teacher, ids, cfg, seed, progress)
         result["calibration"] = {"tokens": r["tokens"], "seconds": r["seconds"], "lr": lr,
                                  "data": str(calibrate_data or "wikitext-valid"), "data_seconds": data_seconds,
-                                 "first_kd": r["history"][0]["kd"], "last_kd": r["history"][-1]["kd"]}
+                                 "first_kd": r["first_kd"], "last_kd": r["last_kd"]}
         del teacher
     result["prepare_seconds"] = round(time.time() - t0, 1)
     if save is not None:

@@ -203,15 +203,13 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def save_converted(model, out, tokenizer_from=None, max_shard_size="5GB", overwrite=False, state=None) -> Path:
-    """Write a converted model in the native format, atomically (`state`: its full state dict, gathered from a
-    sharded model; default model.state_dict())."""
-    moe: MoEConfig = model.surgery_config
-    state = {k: v for k, v in (model.state_dict() if state is None else state).items()
-             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-    cfg = model.config.to_dict()
-    cfg["surgery"] = moe.to_dict()
-    cfg["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+def write_model_folder(out, model, state: dict, cfg: dict, tokenizer_from=None, max_shard_size="5GB",
+                       overwrite=False) -> Path:
+    """A Hugging Face-style model folder, written atomically: `state` as safetensors shards (a tied lm_head left
+    out), config.json from `cfg` with the weights' dtype, the tokenizer files of `tokenizer_from` (a folder, or
+    the folder of a file) and the model's generation config."""
+    state = {k: v for k, v in state.items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    cfg = {**cfg, "dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_state_dict(tmp, state, parse_size(max_shard_size))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -221,6 +219,16 @@ def save_converted(model, out, tokenizer_from=None, max_shard_size="5GB", overwr
         if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(str(tmp))
     return Path(out)
+
+
+def save_converted(model, out, tokenizer_from=None, max_shard_size="5GB", overwrite=False, state=None) -> Path:
+    """Write a converted model in the native format, atomically (`state`: its full state dict, gathered from a
+    sharded model; default model.state_dict())."""
+    moe: MoEConfig = model.surgery_config
+    cfg = model.config.to_dict()
+    cfg["surgery"] = moe.to_dict()
+    return write_model_folder(out, model, model.state_dict() if state is None else state, cfg, tokenizer_from,
+                              max_shard_size, overwrite)
 
 
 def is_converted(model) -> bool:

@@ -381,10 +381,10 @@ def _static_baseline(recipe: Recipe, src: Path, out: Path, keep: float, get_dens
                      progress: bool):
     """The static-pruning baseline at `keep` of the FFN, distilled like the recipe's e2e stage (same tokens,
     context, batch, learning rate and text; every decoder-layer weight). In memory only; returns (model, info)."""
-    from surgery.calibrate import EndToEndConfig, run_end_to_end
+    from surgery.calibrate import EndToEndConfig
     from surgery.modeling import load_model
     from surgery.profile import load_profile
-    from surgery_evals.baselines import apply_baseline
+    from surgery_evals.baselines import apply_baseline, distil
 
     t0 = time.time()
     model = load_model(src, dtype=recipe.dtype, device=device)
@@ -394,11 +394,8 @@ def _static_baseline(recipe: Recipe, src: Path, out: Path, keep: float, get_dens
     if recipe.e2e is not None:
         e2e = EndToEndConfig(**recipe.e2e)
         cfg = EndToEndConfig(tokens=e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr, train="all")
-        teacher = get_dense()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        r = run_end_to_end(model, teacher, e2e_ids(cfg.tokens), cfg, recipe.seed, progress=progress)
-        info.update(tokens=r["tokens"], first_kd=r["history"][0]["kd"], last_kd=r["history"][-1]["kd"])
+        r = distil(model, get_dense(), e2e_ids(cfg.tokens), cfg, recipe.seed, progress)
+        info.update(tokens=r["tokens"], first_kd=r["first_kd"], last_kd=r["last_kd"])
     info["seconds"] = round(time.time() - t0, 2)
     model.eval()
     return model, info
@@ -408,7 +405,6 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
               e2e_ids=None):
     from surgery.data import resolve_data
     from surgery.demo import cache_dir
-    from surgery.modeling import load_model
     from surgery_evals.perplexity import perplexity
     from surgery_evals.report import expert_load, machine, plot_expert_load, plot_ppl_vs_active
 
