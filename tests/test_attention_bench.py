@@ -98,3 +98,30 @@ def test_bench_model_bad_flags(tmp_path, tiny_llama):
         r = CliRunner().invoke(main, ["bench", "model", str(moe), *args, "--json", str(out)])
         assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
         assert not out.exists()
+
+
+def test_profile_layer_ranks_ops_for_both_modules(tmp_path, monkeypatch):
+    """evals/profile_layer.py on a tiny shape: for attention (head experts) and the FFN (MoE block) it profiles
+    dense and converted on the same inputs and ranks real ops: the converted FFN runs the routed path's
+    matmuls, the converted attention the sparse path's (not the dense module's one SDPA call)."""
+    from transformers import LlamaConfig
+
+    from surgery_evals import profile_layer
+
+    tiny = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96, max_position_embeddings=256)
+    monkeypatch.setattr(profile_layer, "SYNTHETIC", {"tiny": lambda layers: tiny})
+    for module in ("attention", "mlp"):
+        out_path = tmp_path / f"{module}.json"
+        profile_layer.main([module, "--synthetic", "tiny", "--layers", "1", "--tokens", "32", "-E", "4", "-K", "2",
+                            "--dtype", "float32", "--device", "cpu", "--repeats", "2", "--json", str(out_path)])
+        got = json.loads(out_path.read_text())
+        for side in ("dense", "converted"):
+            assert got[side]["ranked_by"] == "cpu_ms" and got[side]["wall_ms_per_call"] > 0
+            ops = {r["op"] for r in got[side]["ops"]}
+            assert "aten::mm" in ops or "aten::addmm" in ops or "aten::bmm" in ops, ops
+        assert got["dense"]["ops"] != got["converted"]["ops"]
+        if module == "attention":
+            dense_ops = {r["op"]: r["calls"] for r in got["dense"]["ops"]}
+            conv_ops = {r["op"]: r["calls"] for r in got["converted"]["ops"]}
+            assert conv_ops.get("aten::mm", 0) + conv_ops.get("aten::bmm", 0) > dense_ops.get("aten::mm", 0)
