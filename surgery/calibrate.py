@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from surgery import losses
+from surgery import lora, losses
 from surgery.attention import head_expert_modules
 from surgery.attention import calibrate as head_cal
 from surgery.atomic import atomic_file
@@ -78,7 +78,10 @@ class EndToEndConfig:
     warmup: float = 0.05  # fraction of steps
     temperature: float = 1.0
     train: str = "moe"  # "moe": routers + experts + shared experts; "router": routers only;
-    # "all": every decoder-layer weight (attention and norms too), never the embeddings
+    # "all": every decoder-layer weight (attention and norms too), never the embeddings; "lora": as "moe",
+    # plus peft LoRA adapters on the attention projections (surgery/lora.py), merged in when the stage ends
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
     balance: float = 0.0
     concentration: float = 0.0
     prior_weight: float = 0.0  # prior-approximate loss against each token's oracle experts (costs compute)
@@ -266,6 +269,7 @@ def _moe_state(model, all_layers: bool = False) -> dict:
     """What calibration changes: the MoE blocks (and head-expert attention, when the model has it), or with
     e2e.train=all every decoder layer."""
     keep = ("model.layers.",) if all_layers else (".mlp.", ".self_attn.") if head_expert_modules(model) else (".mlp.",)
+    keep += (lora.KEY,)  # e2e.train=lora: the adapters (none otherwise)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if any(p in k for p in keep)}
 
 
@@ -398,11 +402,19 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     for p in student.parameters():
         p.requires_grad_(False)
     blocks = moe_blocks(student)
-    if cfg.train not in ("moe", "router", "all"):
-        raise SurgeryError(f"e2e.train {cfg.train!r}: choose moe, router or all")
+    if cfg.train not in ("moe", "router", "all", "lora"):
+        raise SurgeryError(f"e2e.train {cfg.train!r}: choose moe, router, all or lora")
     head_cal.check_head_train(cfg.head_train)
     heads = head_expert_modules(student)
-    params = []
+    adapters = None
+    if cfg.train == "lora":
+        if heads:
+            raise SurgeryError("e2e.train lora: not with head experts (their query and output projections are "
+                               "trained by e2e.head_train); use moe or all")
+        adapters = lora.attach(student, cfg.lora_rank, cfg.lora_alpha)  # freezes all else: grads set below
+        if resume_blob is not None and "params" in resume_blob:
+            student.load_state_dict({k: v for k, v in resume_blob["params"].items() if lora.KEY in k}, strict=False)
+    params = lora.adapter_parameters(student) if adapters is not None else []
     owners = student.model.layers if cfg.train == "all" else blocks
     for b in owners:
         ps = [b.router.weight] if cfg.train == "router" else list(b.parameters())
@@ -421,6 +433,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         dist.shard(student)
         dist.shard(teacher)
         params = [p for p in student.parameters() if p.requires_grad]  # the sharded stand-ins
+    trainable = sum(p.numel() for p in params)  # what AdamW keeps two states for (DTensors: global sizes)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     start, history, snaps = 0, [], []
     elapsed0 = 0.0
@@ -499,7 +512,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 full = dist.full_state(student) if dist is not None else None
                 if dist is None or dist.main:
                     snaps.append(_save_snapshot(ckpt, student, step + 1, steps, time.time() - t0, cfg.train == "all",
-                                                full))
+                                                full, cfg))
             if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
                 state = {"stage": "e2e", "step": step + 1, "history": history, "snapshots": snaps,
                          "seconds": round(time.time() - t0, 2)}
@@ -515,21 +528,27 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         for m, impl in zip(heads, head_impls):
             m.impl = impl
         head_cal.clear_logits(heads)
+        if adapters is not None:
+            lora.merge(adapters)  # the student is a plain converted model again, adapters folded in
     bar.close()
     for p in student.parameters():
         p.requires_grad_(False)
     return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.ctx, "seconds": round(time.time() - t0, 2),
-            "history": history, "snapshots": snaps}
+            "trainable_parameters": trainable, "history": history, "snapshots": snaps}
 
 
 def _save_snapshot(ckpt: Path, model, step: int, steps: int, seconds: float, all_layers: bool,
-                   full: dict | None = None) -> dict:
+                   full: dict | None = None, cfg: EndToEndConfig | None = None) -> dict:
     """The trained weights at `step`, for a perplexity-against-calibration-time curve (`full`: the gathered
-    state of a sharded model)."""
+    state of a sharded model). LoRA adapters are saved merged, under the plain weight names."""
     path = Path(ckpt) / f"snapshot-{step:06d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     keep = "model.layers." if all_layers else ".mlp."
     state = _moe_state(model, all_layers) if full is None else {k: v for k, v in full.items() if keep in k}
+    if cfg is not None and cfg.train == "lora":
+        whole = model.state_dict() if full is None else full
+        state = {k: v for k, v in state.items() if lora.KEY not in k}
+        state.update({k: v.detach().cpu() for k, v in lora.merged_weights(whole, cfg.lora_rank, cfg.lora_alpha).items()})
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
     return {"step": step, "fraction": round(step / steps, 4), "seconds": round(seconds, 2), "path": str(path)}
@@ -557,7 +576,9 @@ def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | No
     blob = load_checkpoint(ckpt) if (resume and ckpt is not None) else None
     state = blob["state"] if blob else {}
     if blob and "params" in blob:  # a DCP checkpoint (torchrun) is loaded after sharding, in run_end_to_end
-        missing = student.load_state_dict(blob["params"], strict=False)
+        # (LoRA adapters are loaded once run_end_to_end has attached them)
+        missing = student.load_state_dict({k: v for k, v in blob["params"].items() if lora.KEY not in k},
+                                          strict=False)
         if missing.unexpected_keys:
             raise SurgeryError(f"{ckpt}: checkpoint does not match this model")
     result = {"config": cfg.to_dict(), "calibration_tokens_available": int(ids.numel())}

@@ -503,8 +503,13 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--ctx", type=int, default=256, show_default=True, help="Training window length.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="End-to-end windows per step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="End-to-end learning rate.")
-@click.option("--train", type=click.Choice(["moe", "router", "all"]), default="moe", show_default=True,
-              help="End-to-end: train routers + experts, routers only, or every decoder-layer weight.")
+@click.option("--train", type=click.Choice(["moe", "router", "all", "lora"]), default="moe", show_default=True,
+              help="End-to-end: train routers + experts, routers only, every decoder-layer weight, or routers + "
+              "experts with LoRA adapters (peft) on the attention projections, merged in at the end (all's "
+              "memory-light form for large models).")
+@click.option("--lora-rank", type=int, default=16, show_default=True, help="With --train lora: adapter rank.")
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True,
+              help="With --train lora: adapter scale numerator (scale alpha / rank).")
 @click.option("--balance", type=float, default=0.0, show_default=True, help="Load-balancing loss weight.")
 @click.option("--concentration", type=float, default=0.0, show_default=True, help="Load-concentration loss weight.")
 @click.option("--prior-weight", type=float, default=1.0, show_default=True,
@@ -527,14 +532,15 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
 def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
-                  train, balance, concentration, prior_weight, head_train, head_steps, head_lr, head_balance,
-                  head_concentration, seed, device, resume, overwrite, json_path):
+                  train, lora_rank, lora_alpha, balance, concentration, prior_weight, head_train, head_steps,
+                  head_lr, head_balance, head_concentration, seed, device, resume, overwrite, json_path):
     """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
 
     \b
     1. layer-wise, on the student's own inputs, layer after layer: each MoE block is fitted to the dense
        FFN's output (routers on cached expert outputs; experts too with --expert-epochs);
-    2. end-to-end: KL from the teacher's logits, MoE parameters only, with optional router losses.
+    2. end-to-end: KL from the teacher's logits, MoE parameters only (--train), with optional router losses;
+       --train lora adds peft LoRA adapters on the attention projections, merged into the saved weights.
     With head experts (convert --attention-experts) each layer's attention block is fitted first, to the dense
     attention's output, and --head-train's head parameters train end-to-end too.
 
@@ -551,8 +557,9 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
     lw = LayerwiseConfig(tokens=layerwise_tokens, ctx=ctx, expert_epochs=expert_epochs, prior_weight=prior_weight,
                          balance=balance, concentration=concentration, head_steps=head_steps, head_lr=head_lr,
                          **heads) if layerwise_tokens > 0 else None
-    e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, balance=balance,
-                         concentration=concentration, **heads) if tokens > 0 else None
+    e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, lora_rank=lora_rank,
+                         lora_alpha=lora_alpha, balance=balance, concentration=concentration,
+                         **heads) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
     result = run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite)
     from surgery.distributed import env_rank

@@ -1,5 +1,5 @@
 """Calibration on tiny random Llamas: layer-wise and end-to-end distillation lower their losses, the CLI
-writes a loadable model, resume continues where a run stopped and gives the same result."""
+writes a loadable model, resume continues where a run stopped and gives the same result; e2e.train=lora."""
 
 import json
 
@@ -11,6 +11,8 @@ import surgery
 from surgery.calibrate import (CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate, calibrate_block)
 from surgery.cli import main
 from surgery.convert import ConvertConfig, convert_model
+from surgery.errors import SurgeryError
+from surgery.lora import attach, merge, merged_weights
 from surgery.moe import moe_blocks
 
 from helpers import make_llama, stop_after_checkpoint
@@ -147,3 +149,104 @@ def test_calibrate_cli(tmp_path, text_file):
     bad = CliRunner().invoke(main, ["calibrate", str(tmp_path / "moe"), str(tmp_path / "x"), "--teacher",
                                     str(tmp_path / "moe"), "--data", str(text_file)])
     assert bad.exit_code == 2 and "dense" in bad.output
+
+
+# ---- e2e.train=lora (surgery/lora.py): peft adapters on the attention projections, trained with the MoE
+# blocks, merged into plain weights when the stage ends; resume and snapshots work as for the other modes.
+
+def _attention_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".self_attn." in n}
+
+
+def test_merged_weights_are_what_merge_leaves(tmp_path):
+    """merged_weights (for mid-run snapshots) on a state dict with random adapters equals peft's own merge."""
+    model = surgery.load(make_llama(tmp_path / "dense"))
+    handle = attach(model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    expect = merged_weights(model.state_dict(), 4, 8.0)
+    assert len(expect) == 4 * len(model.model.layers)
+    x = torch.randint(1, 128, (1, 16))
+    with torch.no_grad():
+        with_adapters = model(input_ids=x).logits
+    merge(handle)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # peft's wrappers are gone
+    state = model.state_dict()
+    for k, w in expect.items():
+        assert torch.allclose(state[k], w, atol=1e-6), k
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x).logits, with_adapters, atol=1e-5)
+
+
+def test_lora_trains_adapters_and_moe_then_merges(tmp_path, pair):
+    _, teacher, student, ids = pair
+    attn0 = _attention_weights(student)
+    emb0 = student.model.embed_tokens.weight.detach().clone()
+    norm0 = student.model.layers[0].input_layernorm.weight.detach().clone()
+    mlp0 = {n: p.detach().clone() for n, p in student.named_parameters() if ".mlp." in n}
+    res = calibrate(student, teacher, None, _e2e_cfg(train="lora", lora_rank=4, lora_alpha=8.0),
+                    ckpt=tmp_path / "lora", ids=ids, progress=False)
+    hist = res["e2e"]["history"]
+    assert sum(h["kd"] for h in hist[-3:]) < sum(h["kd"] for h in hist[:3])
+    # merged: plain Linear layers, no adapter left, every attention projection moved (low-rank), norms and
+    # embeddings untouched, MoE weights trained
+    assert not any("lora_" in n or "base_layer" in n for n, _ in student.named_parameters())
+    attn1 = _attention_weights(student)
+    assert attn1.keys() == attn0.keys()
+    for n in attn0:
+        delta = attn1[n] - attn0[n]
+        assert delta.abs().max() > 0, n
+        assert torch.linalg.matrix_rank(delta.double(), atol=1e-7) <= 4, n
+    assert torch.equal(student.model.embed_tokens.weight, emb0)
+    assert torch.equal(student.model.layers[0].input_layernorm.weight, norm0)
+    assert any(not torch.equal(p, mlp0[n]) for n, p in student.named_parameters() if ".mlp." in n)
+    assert all(not p.requires_grad for p in student.parameters())
+    saved = torch.load(tmp_path / "lora" / "ckpt.pt", weights_only=False)["params"]
+    assert any("lora_A" in k for k in saved) and not any(".self_attn.q_proj.weight" == k[-22:] for k in saved)
+
+
+def test_lora_resume_matches_an_uninterrupted_run(tmp_path, pair):
+    src, teacher, _, ids = pair
+
+    def fresh():
+        return convert_model(_sharpen(surgery.load(src)), ConvertConfig(experts=4, top_k=1, seed=1))
+
+    cfg = lambda: _e2e_cfg(train="lora", lora_rank=4, lora_alpha=8.0)  # noqa: E731
+    full = fresh()
+    calibrate(full, teacher, None, cfg(), ckpt=tmp_path / "a", ids=ids, progress=False)
+    part = fresh()
+    stop_after_checkpoint(lambda: calibrate(part, teacher, None, cfg(), ckpt=tmp_path / "b", ids=ids,
+                                            progress=False), "step", 6)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 6
+    resumed = fresh()
+    res = calibrate(resumed, teacher, None, cfg(), ckpt=tmp_path / "b", resume=True, ids=ids, progress=False)
+    assert len(res["e2e"]["history"]) == 12
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_lora_snapshots_hold_merged_weights(tmp_path, pair):
+    """A mid-run snapshot loads (strict=False, as the recipe's curve does) into a model with no adapters and
+    gives the adapted attention weights, not the frozen base ones."""
+    _, teacher, student, ids = pair
+    base = _attention_weights(student)
+    calibrate(student, teacher, None, _e2e_cfg(train="lora", lora_rank=4, lora_alpha=8.0, snapshots=[0.5]),
+              ckpt=tmp_path / "s", ids=ids, progress=False)
+    snap = torch.load(tmp_path / "s" / "snapshot-000006.pt", weights_only=True)
+    assert not any("lora_" in k or "base_layer" in k for k in snap)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert q in snap and not torch.equal(snap[q], base[q])
+
+
+def test_lora_refuses_head_experts_and_bad_rank(tmp_path, pair):
+    src, teacher, _, ids = pair
+    heads = convert_model(_sharpen(surgery.load(src)), ConvertConfig(experts=4, top_k=1, attention_experts=True))
+    with pytest.raises(SurgeryError, match="not with head experts"):
+        calibrate(heads, teacher, None, _e2e_cfg(train="lora"), ids=ids, progress=False)
+    student = convert_model(_sharpen(surgery.load(src)), ConvertConfig(experts=4, top_k=1, seed=1))
+    with pytest.raises(SurgeryError, match="lora_rank 0"):
+        calibrate(student, teacher, None, _e2e_cfg(train="lora", lora_rank=0), ids=ids, progress=False)

@@ -83,10 +83,16 @@ def _close_curves(a: list[dict], b: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_calibrate_matches_single_process(tmp_path, models, text_file):
+@pytest.mark.parametrize("train", ["moe", "lora"])
+def test_torchrun_calibrate_matches_single_process(tmp_path, models, text_file, train):
+    """--train lora: peft's adapters on the attention projections, sharded with the rest and merged before
+    saving, so the saved model is as plain as with moe (and its attention weights moved)."""
+    if train == "lora":
+        pytest.importorskip("peft")
     dense, moe = models
     flags = ["--teacher", dense, "--data", text_file, "--tokens", "1024", "--layerwise-tokens", "128", "--ctx", "32",
-             "--batch-size", "4", "--lr", "3e-3", "--seed", "3", "--device", "cpu"]
+             "--batch-size", "4", "--lr", "3e-3", "--seed", "3", "--device", "cpu", "--train", train,
+             "--lora-rank", "4"]
     one = CliRunner().invoke(main, ["calibrate", str(moe), str(tmp_path / "one"), *map(str, flags)])
     assert one.exit_code == 0, one.output
     r = _torchrun("-m", "surgery", "calibrate", moe, tmp_path / "two", *flags)
@@ -100,7 +106,10 @@ def test_torchrun_calibrate_matches_single_process(tmp_path, models, text_file):
     assert (tmp_path / "two.ckpt" / "dcp-000008").is_dir()  # the final checkpoint is a distributed one
     # the saved model is an ordinary converted model: loads, equals the single-process one, evaluates alike
     a, b = surgery.load(tmp_path / "one").state_dict(), surgery.load(tmp_path / "two").state_dict()
-    _close_updates(surgery.load(moe).state_dict(), a, b)
+    start = surgery.load(moe).state_dict()
+    _close_updates(start, a, b)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not any("lora_" in k for k in b) and torch.equal(b[q], start[q]) == (train == "moe")
     ppl = []
     for name in ("one", "two"):
         e = CliRunner().invoke(main, ["eval", "perplexity", str(tmp_path / name), "--data", str(text_file),
