@@ -48,6 +48,12 @@ class EvaluateConfig:
     static_baseline: bool = False
 
 
+def _wants_head_stats(convert: dict) -> bool:
+    """Head experts whose shared heads or learned router come from profiled head statistics."""
+    return bool(convert.get("attention_experts")) and (convert.get("head_router", "qnorm") == "learned"
+                                                       or convert.get("shared_heads", 0) > 0)
+
+
 @dataclass
 class Recipe:
     name: str
@@ -207,6 +213,10 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             calibration_ids(tokenizer, data, pc.tokens, get_dense(), recipe.seed, progress)
         stats = profile_model(get_dense(), ids, pc, progress)
         save_profile(stats, prof_path, {"data": str(data or "wikitext-valid"), "config": asdict(pc)})
+        if _wants_head_stats(recipe.convert):  # same text: shared heads and the learned head router
+            from surgery.attention.profile import profile_heads, store_head_stats
+
+            store_head_stats(prof_path, profile_heads(get_dense(), ids, pc.ctx, pc.samples, progress=progress))
         state.mark("profile", {"tokens": int(stats[0].tokens), "seconds": round(time.time() - t0, 2)})
     # 2. convert
     if not (state.done("convert") and stage_dir("convert").is_dir()):
@@ -214,6 +224,10 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
         stats, _ = load_profile(prof_path)
         cc = ConvertConfig(**{"seed": recipe.seed, **recipe.convert})
         cc.stats = stats
+        if _wants_head_stats(recipe.convert):
+            from surgery.attention.profile import load_head_stats
+
+            cc.head_stats = load_head_stats(prof_path) or {}
         summary = convert(src, stage_dir("convert"), cc, overwrite=True, progress=progress)
         state.mark("convert", {"seconds": round(time.time() - t0, 2), "tokens": 0,
                                "active_ffn_fraction": summary["active_ffn_fraction"]})

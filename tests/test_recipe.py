@@ -181,3 +181,30 @@ def test_recipe_on_sampled_text_draws_one_corpus(tmp_path, text_file):
     corpus = torch.load(out / "sampled_corpus.pt", weights_only=True)
     assert corpus.numel() == 384  # the largest budget of the three stages, sampled once
     assert report["stages"]["profile"]["tokens"] == 256 and report["stages"]["e2e"]["tokens"] == 384
+
+
+def test_recipe_with_head_experts_profiles_the_heads(tmp_path, text_file):
+    """A recipe converting heads too, with shared heads and the learned router: its profile stage stores head
+    statistics in profile.pt, the conversion chooses the shared heads from them (the heads of largest output
+    contribution) and the calibrated model carries head experts through to the report."""
+    from surgery.attention import head_expert_modules
+    from surgery.attention.profile import load_head_stats
+
+    src = make_llama(tmp_path / "dense", ffn=96)
+    convert = {"experts": 6, "shared_experts": 2, "top_k": 2, "method": "coactivation", "router_init": "fitted",
+               "attention_experts": True, "attention_top_k": 1, "shared_heads": 1, "head_router": "learned"}
+    path = _recipe(tmp_path, src, text_file, convert=convert,
+                   layerwise={"tokens": 256, "ctx": 64, "router_steps": 10, "head_steps": 5, "head_train": "qo"},
+                   evaluate={"ctx": 64, "datasets": {str(text_file): 256}, "stages": ["final"], "snapshots": False})
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["run", str(path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    stats = load_head_stats(out / "profile.pt")
+    assert stats is not None and len(stats) == 2
+    model = surgery.load(out / "model")
+    heads = head_expert_modules(model)
+    assert len(heads) == 2
+    for i, m in enumerate(heads):
+        assert list(m.shared) == [int(stats[i].contribution.argmax())]
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluations"][-1]["perplexity"] > 1

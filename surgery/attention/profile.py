@@ -92,7 +92,6 @@ def add_head_stats(path, model_path, data=None, tokens: int = 16384, ctx: int = 
                    seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
     """Profile the heads of the dense model at `model_path` and store them in the profile file `path` (which
     `surgery profile` wrote) under "heads". Returns a summary."""
-    from surgery.atomic import atomic_file
     from surgery.modeling import load_model, load_tokenizer
     from surgery.profile import calibration_ids
 
@@ -102,10 +101,19 @@ def add_head_stats(path, model_path, data=None, tokens: int = 16384, ctx: int = 
     model = load_model(model_path, device=device)
     ids = calibration_ids(tokenizer, data, tokens, model, seed, progress)
     stats = profile_heads(model, ids, ctx, samples, progress=progress)
+    store_head_stats(p, stats, blob)
+    return {"head_tokens": int(stats[0].tokens), "head_samples_per_layer": int(stats[0].inputs.shape[0])}
+
+
+def store_head_stats(path, stats: dict[int, HeadStats], blob: dict | None = None) -> None:
+    """Add head statistics to the profile file `path` (its FFN statistics kept), atomically."""
+    from surgery.atomic import atomic_file
+
+    p = Path(path)
+    blob = blob if blob is not None else torch.load(p, map_location="cpu", weights_only=True)
     blob[KEY] = {i: asdict(s) for i, s in stats.items()}
     with atomic_file(p) as tmp:
         torch.save(blob, tmp)
-    return {"head_tokens": int(stats[0].tokens), "head_samples_per_layer": int(stats[0].inputs.shape[0])}
 
 
 def load_head_stats(path) -> dict[int, HeadStats] | None:
