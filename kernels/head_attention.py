@@ -4,12 +4,16 @@ Shape legend: N selected (token, head) pairs, B batch, G key/value heads, S_k ke
 M rows per program (BLOCK_M), S_n keys per step (BLOCK_N).
 
 Layering (as the MoE FFN's): the kernel attends one block of query rows that share a batch row and a
-key/value head; `pair_attention` (the function) sorts the pairs into such blocks and launches it;
-surgery/attention/sparse.py calls the function on CUDA, with the projections, RoPE and routing weights in
-PyTorch around it. Each row is one selected pair's query (already RoPE'd) and attends causally to its batch
-row's keys 0..pos (pos = its key position, S_k - T + t with a cache): flash attention's online softmax, keys
-visited only up to the block's last position, so no score matrix is ever stored and a block skips the keys
-none of its rows can see. Heads of the same key/value group share a block (their rows read the same keys).
+key/value head; `routed_attention` (what surgery/attention/sparse.py calls on CUDA) and `pair_attention`
+(the same on a plain list of queries, for tests and other callers) sort the pairs into such blocks and
+launch it, with the projections in PyTorch around it. Each row is one selected pair's query and attends
+causally to its batch row's keys 0..pos (pos = its key position, S_k - T + t with a cache): flash attention's
+online softmax, keys visited only up to the block's last position, so no score matrix is ever stored and a
+block skips the keys none of its rows can see. Heads of the same key/value group share a block (their rows
+read the same keys). For `routed_attention` the kernel also reads each pair's query in place from the
+un-rotated q projection, applies RoPE in registers, and writes its output times the routing weight straight
+into the [tokens, heads, d] matrix that goes through o_proj: the pairs are never gathered or scattered in
+memory (a profile on an H200 showed those copies costing more than the attention itself).
 Forward only (inference).
 """
 
@@ -23,23 +27,42 @@ from .tuning import interpreting
 
 
 @triton.jit
-def _pair_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, blk_seg_ptr, blk_start_ptr, blk_end_ptr,
-                           keep_ptr, S_k, G, d, scaling,
+def _pair_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, row_ptr, tok_ptr, pos_ptr, w_ptr, cos_ptr, sin_ptr,
+                           blk_seg_ptr, blk_start_ptr, blk_end_ptr, keep_ptr, S_k, G, d, half, scaling,
                            stride_kb, stride_kg, stride_ks, stride_vb, stride_vg, stride_vs, stride_keep_b,
-                           HAS_KEEP: tl.constexpr, IEEE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                           ROPE: tl.constexpr, HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr, IEEE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid)  # b * G + g
     start = tl.load(blk_start_ptr + pid)
     end = tl.load(blk_end_ptr + pid)
     b = seg // G
     g = seg % G
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
+    idx = start + tl.arange(0, BLOCK_M)  # positions in the sorted order
+    row_ok = idx < end
+    row = tl.load(row_ptr + idx, mask=row_ok, other=0).to(tl.int64)  # the pair's row of q and of o
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
-    q = tl.load(q_ptr + rows[:, None] * d + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+    # q and k in two halves of the head dim: RoPE rotates one half into the other, and q . k is the sum of the
+    # halves' products, so the rotation happens in registers with no rotated copy of q in memory.
+    ch = tl.arange(0, BLOCK_H)
+    h_ok = ch < half
+    qm = row_ok[:, None] & h_ok[None, :]
+    q1 = tl.load(q_ptr + row[:, None] * d + ch[None, :], mask=qm, other=0.0)
+    q2 = tl.load(q_ptr + row[:, None] * d + half + ch[None, :], mask=qm, other=0.0)
+    if ROPE:  # HF Llama: q * cos + rotate_half(q) * sin, rotate_half(q) = (-q2, q1); float32 in registers
+        tok = tl.load(tok_ptr + idx, mask=row_ok, other=0).to(tl.int64)
+        c_base = cos_ptr + tok[:, None] * d + ch[None, :]
+        s_base = sin_ptr + tok[:, None] * d + ch[None, :]
+        c1 = tl.load(c_base, mask=qm, other=0.0).to(tl.float32)
+        c2 = tl.load(c_base + half, mask=qm, other=0.0).to(tl.float32)
+        s1 = tl.load(s_base, mask=qm, other=0.0).to(tl.float32)
+        s2 = tl.load(s_base + half, mask=qm, other=0.0).to(tl.float32)
+        f1, f2 = q1.to(tl.float32), q2.to(tl.float32)
+        q1 = (f1 * c1 - f2 * s1).to(q_ptr.dtype.element_ty)
+        q2 = (f2 * c2 + f1 * s2).to(q_ptr.dtype.element_ty)
+    pos = tl.load(pos_ptr + idx, mask=row_ok, other=-1)
     hi = tl.max(pos, axis=0) + 1  # keys past the block's last position are never needed
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -50,12 +73,13 @@ def _pair_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, blk_seg_ptr, blk
     for n0 in range(0, hi, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < S_k
-        k = tl.load(k_base + keys[:, None] * stride_ks + cols[None, :], mask=key_ok[:, None] & col_ok[None, :],
-                    other=0.0)
+        km = key_ok[:, None] & h_ok[None, :]
+        k1 = tl.load(k_base + keys[:, None] * stride_ks + ch[None, :], mask=km, other=0.0)
+        k2 = tl.load(k_base + keys[:, None] * stride_ks + half + ch[None, :], mask=km, other=0.0)
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
         s = s * scaling
         keep = (keys[None, :] <= pos[:, None]) & key_ok[None, :]
         if HAS_KEEP:
@@ -74,7 +98,9 @@ def _pair_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, blk_seg_ptr, blk
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that keeps no key (padding) gives 0
-    tl.store(o_ptr + rows[:, None] * d + cols[None, :], out.to(o_ptr.dtype.element_ty),
+    if HAS_W:  # the pair's routing weight, applied before the output projection
+        out = out * tl.load(w_ptr + idx, mask=row_ok, other=0.0)[:, None]
+    tl.store(o_ptr + row[:, None] * d + cols[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -106,15 +132,48 @@ def pair_attention(q_Nd: torch.Tensor, b_N: torch.Tensor, g_N: torch.Tensor, pos
     head g_N[n] at positions 0..pos_N[n] (and, when given, only keys with key_keep_BS[b, j]). Returns [N, d]
     in q's dtype; a row with no key kept gives zeros. Pairs may come in any order."""
     N, d = q_Nd.shape
-    B, G, S_k, _ = k_BGSd.shape
     if N == 0:
         return q_Nd.new_zeros(0, d)
+    q = q_Nd.contiguous()
+    o = torch.empty_like(q)
+    _launch(q, o, None, None, None, None, b_N, g_N, pos_N, k_BGSd, v_BGSd, scaling, key_keep_BS)
+    return o
+
+
+def routed_attention(q_THd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, tok_N: torch.Tensor,
+                     h_N: torch.Tensor, w_N: torch.Tensor, b_N: torch.Tensor, g_N: torch.Tensor, pos_N: torch.Tensor,
+                     k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, scaling: float, out_THd: torch.Tensor) -> None:
+    """The sparse head path's whole routed attention in one launch, written into out_THd (zeros where no pair
+    falls): for each pair n, the query of token tok_N[n], head h_N[n], read from the un-rotated projection
+    q_THd [T, H, d] and rotated by that token's cos/sin [T, d] (RoPE, HF Llama's convention) in registers,
+    attends as in `pair_attention`, and its output times w_N[n] goes to out_THd[tok_N[n], h_N[n]]. No per-pair
+    copy of queries or outputs is made; (token, head) pairs must be distinct."""
+    if tok_N.numel() == 0:
+        return
+    T, H, d = q_THd.shape
+    q = q_THd.contiguous()
+    assert out_THd.is_contiguous() and out_THd.shape == q.shape and d % 2 == 0
+    rows = tok_N.long() * H + h_N.long()
+    _launch(q, out_THd, rows, tok_N, w_N.float().contiguous(), (cos_Td.contiguous(), sin_Td.contiguous()),
+            b_N, g_N, pos_N, k_BGSd, v_BGSd, scaling, None)
+
+
+def _launch(q, o, rows_N, tok_N, w_N, cos_sin, b_N, g_N, pos_N, k_BGSd, v_BGSd, scaling, key_keep_BS) -> None:
+    """Sort the pairs into blocks of one (batch row, key/value head) and launch. q and o are addressed by row
+    (rows_N[n], or n itself): the sort permutes only small index vectors, never q or o."""
+    d = q.shape[-1]
+    if d % 2:
+        raise ValueError(f"head dim {d}: the kernel splits it in halves (RoPE), so it must be even")
+    B, G, S_k, _ = k_BGSd.shape
     # Sort by (batch row, kv head, position): blocks share keys, and their positions are close together.
     seg_N = b_N.long() * G + g_N.long()
     order = torch.argsort(seg_N * (S_k + 1) + pos_N.long())
-    q_sorted = q_Nd[order].contiguous()
     seg_sorted = seg_N[order]
     pos_sorted = pos_N[order].int().contiguous()
+    row_sorted = (order if rows_N is None else rows_N[order]).contiguous()
+    tok_sorted = tok_N[order].int().contiguous() if tok_N is not None else pos_sorted  # dummy when no RoPE
+    w_sorted = w_N[order].contiguous() if w_N is not None else pos_sorted              # dummy when no weights
+    cos, sin = cos_sin if cos_sin is not None else (q, q)                               # dummies
     if interpreting():
         block_m, block_n, warps = 16, 16, 1
     else:
@@ -124,13 +183,12 @@ def pair_attention(q_Nd: torch.Tensor, b_N: torch.Tensor, g_N: torch.Tensor, pos
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     keep = key_keep_BS.to(torch.int8).contiguous() if key_keep_BS is not None else pos_sorted  # dummy pointer
-    o_sorted = torch.empty_like(q_sorted)
     _pair_attention_kernel[(grid,)](
-        q_sorted, k, v, o_sorted, pos_sorted, blk_seg, blk_start, blk_end, keep, S_k, G, d, float(scaling),
+        q, k, v, o, row_sorted, tok_sorted, pos_sorted, w_sorted, cos, sin, blk_seg, blk_start, blk_end, keep,
+        S_k, G, d, d // 2, float(scaling),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keep.stride(0) if key_keep_BS is not None else 0,
-        HAS_KEEP=key_keep_BS is not None, IEEE=q_Nd.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=warps)
-    o = torch.empty_like(o_sorted)
-    o[order] = o_sorted
-    return o
+        ROPE=cos_sin is not None, HAS_W=w_N is not None, HAS_KEEP=key_keep_BS is not None,
+        IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_H=max(16, triton.next_power_of_2(max(1, d // 2))),
+        num_warps=warps)

@@ -180,6 +180,42 @@ def test_kernel_empty(kernel):
     assert kernel(q, b, g, pos, k, v, 1.0).shape == (0, 16)
 
 
+def rope_ref(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
+def test_routed_attention_matches_gather_rope_scatter(kernel, dtype, tol):
+    """routed_attention (queries read in place from the un-rotated projection, RoPE in registers, weighted
+    outputs written to their (token, head) slot) against the same done in PyTorch: gather, rotate, the float64
+    per-pair loop, weight, scatter; slots no pair falls in stay zero. Two batch rows of 21 tokens with a
+    3-token cache offset, 6 query heads on 3 key/value heads (d 16), each token choosing 2 distinct heads."""
+    from surgery_kernels.head_attention import routed_attention
+
+    g = torch.Generator().manual_seed(11)
+    B, T, H, G, d, S_k, K = 2, 21, 6, 3, 16, 24, 2
+    q = torch.randn(B * T, H, d, generator=g)
+    angles = torch.randn(B * T, d // 2, generator=g)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    k, v = torch.randn(B, G, S_k, d, generator=g), torch.randn(B, G, S_k, d, generator=g)
+    ids = torch.stack([torch.randperm(H, generator=g)[:K] for _ in range(B * T)])  # [B*T, K] distinct heads
+    w = torch.rand(B * T, K, generator=g)
+    tok, h = torch.arange(B * T).repeat_interleave(K), ids.reshape(-1)
+    b, pos = tok // T, S_k - T + tok % T
+    to = lambda t: t.to(DEV, dtype)  # noqa: E731
+    out = torch.zeros(B * T, H, d, dtype=dtype, device=DEV)
+    routed_attention(to(q), to(cos), to(sin), tok.to(DEV), h.to(DEV), w.reshape(-1).to(DEV), b.to(DEV),
+                     (h // (H // G)).to(DEV), pos.to(DEV), to(k), to(v), d ** -0.5, out)
+    qr = rope_ref(to(q)[tok, h].double().cpu(), cos[tok].double(), sin[tok].double())
+    ref = torch.zeros(B * T, H, d, dtype=torch.float64)
+    ref[tok, h] = naive_pairs(qr, b, h // (H // G), pos, to(k), to(v), d ** -0.5) * w.reshape(-1, 1).double()
+    assert (out.double().cpu() - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
+    chosen = torch.zeros(B * T, H, dtype=torch.bool)
+    chosen[tok, h] = True
+    assert (out.cpu()[~chosen] == 0).all()
+
+
 @pytest.mark.parametrize("kv_heads,shared,top_k,router", [(2, 1, 2, "qnorm"), (4, 0, 1, "learned"),
                                                            (1, 2, 1, "learned")])
 def test_sparse_block_with_kernel_equals_masked(tmp_path, kernel, monkeypatch, kv_heads, shared, top_k, router):
@@ -189,7 +225,8 @@ def test_sparse_block_with_kernel_equals_masked(tmp_path, kernel, monkeypatch, k
 
     moe = heads_model(tmp_path, top_k=top_k, shared=shared, router=router, kv_heads=kv_heads, seed=kv_heads).to(DEV)
     calls = []
-    monkeypatch.setattr(ha, "pair_attention", lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw))
+    real = ha.routed_attention
+    monkeypatch.setattr(ha, "routed_attention", lambda *a, **kw: calls.append(a[3].numel()) or real(*a, **kw))
     ids = torch.randint(0, 128, (2, 23), generator=torch.Generator().manual_seed(2)).to(DEV)
     ref = model_logits(moe, ids, "masked")
     out = model_logits(moe, ids, "sparse", kernel="triton")
@@ -202,7 +239,8 @@ def test_sparse_block_with_kernel_decode(tmp_path, kernel, monkeypatch):
     import surgery_kernels.head_attention as ha
 
     calls = []
-    monkeypatch.setattr(ha, "pair_attention", lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw))
+    real = ha.routed_attention
+    monkeypatch.setattr(ha, "routed_attention", lambda *a, **kw: calls.append(a[3].numel()) or real(*a, **kw))
     moe = heads_model(tmp_path, top_k=1, shared=1).to(DEV)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4)).to(DEV)
     full = model_logits(moe, ids, "masked")
@@ -220,10 +258,12 @@ from triton.compiler import ASTSource
 from surgery_kernels import head_attention as ha
 
 fn = ha._pair_attention_kernel
-for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
-    types = dict(q_ptr="*" + dt, k_ptr="*" + dt, v_ptr="*" + dt, o_ptr="*" + dt, pos_ptr="*i32", blk_seg_ptr="*i32",
+for dt, ieee, routed in (("fp16", False, True), ("bf16", False, True), ("bf16", False, False), ("fp32", True, True)):
+    types = dict(q_ptr="*" + dt, k_ptr="*" + dt, v_ptr="*" + dt, o_ptr="*" + dt, row_ptr="*i64", tok_ptr="*i32",
+                 pos_ptr="*i32", w_ptr="*fp32", cos_ptr="*" + dt, sin_ptr="*" + dt, blk_seg_ptr="*i32",
                  blk_start_ptr="*i32", blk_end_ptr="*i32", keep_ptr="*i8", scaling="fp32")
-    consts = dict(HAS_KEEP=True, IEEE=ieee, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64)
+    consts = dict(ROPE=routed, HAS_W=routed, HAS_KEEP=not routed, IEEE=ieee, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128,
+                  BLOCK_H=64)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 print("compiled")

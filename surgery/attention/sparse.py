@@ -220,10 +220,11 @@ def _use_kernel(attn, x) -> bool:
 def _routed_by_kernel(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weights_TK, ids_TK, T):
     """Every routed head's selected tokens attended in one kernel launch, with no loop over heads and no host
     sync: a token selects K distinct routed heads, so the pairs are exactly (t, ids[t, k]) for every t and k.
-    Their query rows come from the full q projection (made here when the router did not need it: on a GPU one
-    dense projection costs less than a launch per head), and their weighted outputs are placed in a
-    [B*T, H*d] matrix, zeros for the heads a token skipped, that goes through o_proj once. Returns [B*T, D]."""
-    from surgery_kernels.head_attention import pair_attention
+    The kernel reads their queries in place from the full (un-rotated) q projection, made here when the router
+    did not need it (on a GPU one dense projection costs less than a launch per head), rotates them, and
+    writes each weighted output into a [B*T, H*d] matrix, zeros for the heads a token skipped, that goes
+    through o_proj once. Returns [B*T, D]."""
+    from surgery_kernels.head_attention import routed_attention
 
     H, d, group, S_k = attn.heads, attn.head_dim, attn.heads // attn.kv_heads, k_BGSd.shape[2]
     BT, K = ids_TK.shape
@@ -234,8 +235,7 @@ def _routed_by_kernel(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weight
     if routed is None or routed.device != x_TD.device:
         routed = attn._routed_heads = torch.as_tensor(attn.routed, device=x_TD.device)
     h_N = routed[ids_TK.reshape(-1)]
-    q_N = rope(q_full[tok_N, h_N], cos_Td[tok_N], sin_Td[tok_N])
-    o_N = pair_attention(q_N, tok_N // T, h_N // group, S_k - T + tok_N % T, k_BGSd, v_BGSd, attn.scaling)
-    o_BTHd = o_N.new_zeros(BT, H, d)
-    o_BTHd[tok_N, h_N] = o_N * weights_TK.reshape(-1, 1).to(o_N.dtype)
+    o_BTHd = q_full.new_zeros(BT, H, d)
+    routed_attention(q_full, cos_Td.to(q_full.dtype), sin_Td.to(q_full.dtype), tok_N, h_N, weights_TK.reshape(-1),
+                     tok_N // T, h_N // group, S_k - T + tok_N % T, k_BGSd, v_BGSd, attn.scaling, o_BTHd)
     return Fn.linear(o_BTHd.view(BT, H * d), attn.o_proj.weight)
