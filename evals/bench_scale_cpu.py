@@ -38,8 +38,6 @@ def _run(cmd: list[str], threads: int, lock: str | None) -> tuple[float, str]:
 
 def _update_gap(start: Path, a: Path, b: Path) -> dict:
     """|d_b - d_a| / |d_a| over all trained tensors (d = calibrated - converted), and the largest |b - a|."""
-    import torch
-
     from surgery.modeling import load_model
 
     s0, sa, sb = (load_model(p).state_dict() for p in (start, a, b))

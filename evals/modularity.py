@@ -12,7 +12,6 @@ minutes, machine) and skips what is already there; plots at the end.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -146,7 +145,6 @@ def main(argv=None):
                      "calibrate_tokens": cal["tokens"], "seconds": round(time.time() - t0, 1),
                      "ppl": evaluate(m, tok, args.eval_tokens), "bytes": checkpoint_bytes(work / f"prune-{best}")})
 
-    new_tokens = args.extend_tokens + args.memory_tokens  # new-domain tokens seen by the extension
     total_tokens = args.extend_tokens + 2 * args.memory_tokens  # all tokens it trains on
     if "extend" in stages:
         from surgery.experts.extend import ExtendConfig, extend_model, tune_routers

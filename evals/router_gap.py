@@ -7,7 +7,7 @@ from surgery.modeling import load_model
 from surgery.convert import ConvertConfig, convert_model
 from surgery.profile import load_profile
 from surgery.moe import moe_blocks
-from surgery.router import group_outputs, route_weights
+from surgery.router import route_weights
 from surgery.calibrate import _expert_outputs
 from surgery import losses
 torch.set_num_threads(2); torch.manual_seed(0)

@@ -97,7 +97,7 @@ def tensors(model, moe: MoEConfig, dtype: torch.dtype) -> list[Planned]:
     plan = non_moe_tensors(model, dtype)
     cfg = model.config
     E, F, S, D = moe.num_experts, aligned(moe.expert_width), moe.shared_width, cfg.hidden_size
-    hd = getattr(cfg, "head_dim", None) or D // cfg.num_attention_heads
+    hd = head_dim(cfg.to_dict())
     kv = cfg.num_key_value_heads or cfg.num_attention_heads
     scale = fold_scale(moe)
     zeros = lambda *shape: (lambda: torch.zeros(shape, dtype=dtype))  # noqa: E731
