@@ -504,6 +504,7 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
                   f"K{moe_cfg['top_k']} router={moe_cfg['router_init']}",
         "active_ffn_fraction": moe_cfg["active_ffn_fraction"],
         "routing": moe_cfg["routing"],
+        **({"attention": moe_cfg["attention"]} if moe_cfg.get("attention") else {}),  # head experts, if any
         "evaluations": evaluations,
         "perplexity": {f"{e['stage']}/{e['dataset']}": round(e["perplexity"], 4) for e in evaluations},
         "expert_load": load,

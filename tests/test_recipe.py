@@ -208,3 +208,4 @@ def test_recipe_with_head_experts_profiles_the_heads(tmp_path, text_file):
         assert list(m.shared) == [int(stats[i].contribution.argmax())]
     report = json.loads((out / "report.json").read_text())
     assert report["evaluations"][-1]["perplexity"] > 1
+    assert report["attention"]["shared_heads"] == 1 and report["attention"]["active_head_fraction"] == 0.5
