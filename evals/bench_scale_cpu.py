@@ -16,24 +16,17 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 
 def _run(cmd: list[str], threads: int, lock: str | None) -> tuple[float, str]:
-    """(seconds inside the lock, stdout). The lock wrapper times the command itself, not the wait."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    timed = [sys.executable, "-c", "import subprocess, sys, time; t = time.perf_counter(); "
-             "r = subprocess.run(sys.argv[1:]); print(f'@@seconds {time.perf_counter() - t:.3f}', file=sys.stderr); "
-             "sys.exit(r.returncode)", *cmd]
-    full = (["flock", lock] if lock else []) + timed
-    r = subprocess.run(full, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    seconds = float(r.stderr.rsplit("@@seconds ", 1)[1].split()[0])
-    return seconds, r.stdout
+    """(seconds inside the lock, stdout), with `threads` torch threads."""
+    from surgery_evals.locked_run import run_locked
+
+    seconds, _, out = run_locked(cmd, lock, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return seconds, out
 
 
 def _update_gap(start: Path, a: Path, b: Path) -> dict:

@@ -13,38 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-
-def _run(cmd: list[str], lock: str | None) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MB of the command's process, stdout); the lock's wait is not timed. The child's
-    output goes to files and it is reaped by os.wait4, which returns its own resource usage."""
-    import fcntl
-    import tempfile
-
-    handle = open(lock, "w") if lock else None
-    if handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    try:
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            t0 = time.perf_counter()
-            p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-            _, status, usage = os.wait4(p.pid, 0)
-            p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-            seconds = time.perf_counter() - t0
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read(), err.read()
-    finally:
-        if handle:
-            handle.close()
-    if p.returncode != 0:
-        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024, stdout
 
 
 def main(argv=None) -> dict:
@@ -62,6 +32,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lock", default=None, help="run each command under this flock (a shared machine)")
     ap.add_argument("--json", dest="json_path")
     a = ap.parse_args(argv)
+    from surgery_evals.locked_run import run_locked as _run
     from surgery_evals.report import machine
 
     surgery = [sys.executable, "-m", "surgery"]

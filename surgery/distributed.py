@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from surgery import lora
 from surgery.atomic import atomic_file
 from surgery.errors import SurgeryError
 
@@ -124,7 +125,7 @@ def from_env(device: str) -> Dist | None:
 
 def _trained(state: dict, all_layers: bool) -> dict:
     keep = "model.layers." if all_layers else ".mlp."
-    return {k: v for k, v in state.items() if keep in k or "lora_" in k}  # lora_: e2e.train=lora's adapters
+    return {k: v for k, v in state.items() if keep in k or lora.KEY in k}  # e2e.train=lora's adapters
 
 
 def save_checkpoint(folder: Path, state: dict, model, optimizer, all_layers: bool, dist: Dist) -> None:
