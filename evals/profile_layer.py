@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
     out = {"what": f"one layer's {a.module}, synthetic {a.synthetic}, E{a.experts} K{a.top_k}, batch 1, "
                    f"{a.tokens} tokens, {a.dtype}",
            "machine": machine(), "versions": versions(), "command": "python -m surgery_evals.profile_layer "
-           + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+           + " ".join(argv if argv is not None else sys.argv[1:])}
     for name, model in (("dense", dense), ("converted", converted)):
         module = getattr(model.model.layers[0], "self_attn" if a.module == "attention" else "mlp")
         out[name] = _profile(lambda: module(**kw) if a.module == "attention" else module(x), device, a.repeats)
