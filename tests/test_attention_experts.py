@@ -220,8 +220,8 @@ def test_sparse_path_skips_unselected_work(tmp_path, monkeypatch):
     set_impl(moe, "masked")
     ref = logits(moe, ids)
     rows = []
-    real_attend = sparse_mod._attend_prefill
-    monkeypatch.setattr(sparse_mod, "_attend_prefill", lambda q, *a: rows.append(q.shape[0]) or real_attend(q, *a))
+    real_attend = sparse_mod.causal_rows
+    monkeypatch.setattr(sparse_mod, "causal_rows", lambda q, *a: rows.append(q.shape[0]) or real_attend(q, *a))
     set_impl(moe, "sparse")
     assert relative_error(logits(moe, ids), ref) <= SPARSE_TOL
     assert sum(rows) == 2 * 30 * 1  # layers x tokens x K

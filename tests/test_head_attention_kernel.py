@@ -2,7 +2,7 @@
 
 Shape legend: N pairs, B batch, G key/value heads, S_k key positions, T query tokens, d head dim.
 
-Ground truth layers: a naive per-pair loop in float64 checks the chunked CPU path (surgery/attention/sparse.py)
+Ground truth layers: a naive per-pair loop in float64 checks the blocked CPU path (surgery/attention/sparse.py)
 and the Triton kernel (kernels/head_attention.py); the masked module path (every head computed, unselected
 heads weighted 0) checks the whole sparse block with each of them. Without a GPU the kernel runs in the Triton
 interpreter (TRITON_INTERPRET=1, float32 and float16); with one the CUDA tests run too.
@@ -66,46 +66,58 @@ def random_pairs(B, G, S_k, T, N, d, dtype=torch.float32, device="cpu", seed=0):
     return to(q), b_N.to(device), g_N.to(device), pos.to(device), to(k), to(v)
 
 
-# ---- the chunked CPU prefill path -------------------------------------------------------------------------
+# ---- the blocked CPU prefill path --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunks", [(1,), (7,), (256,), (8, 3), (16, 4, 2)])
-@pytest.mark.parametrize("masked", [False, True])
-def test_prefill_chunks_match_naive(monkeypatch, chunks, masked):
-    """One head's gathered queries (a random subset of positions, ascending) against a row's keys, with a KV
-    cache offset (S_k > T): blocks of rows at one or more levels (flash path), or chunks under a padding mask."""
-    monkeypatch.setattr(sparse_mod, "CHUNKS", chunks)
-    monkeypatch.setattr(sparse_mod, "CHUNK", chunks[-1])
-    g = torch.Generator().manual_seed(len(chunks) * 100 + chunks[0])
+@pytest.mark.parametrize("rows", [1, 4, 7, 256])
+def test_causal_rows_match_naive(rows):
+    """Rows of several heads of one key/value group (positions ascending, repeated: up to three rows at one
+    position) against that group's keys with a KV cache offset (S_k > T): blocks smaller than, equal to and
+    larger than a band, a ragged last block."""
+    g = torch.Generator().manual_seed(rows)
+    T, S_k, d = 50, 61, 16
+    pos = torch.cat([S_k - T + torch.randperm(T, generator=g)[:n] for n in (31, 20, 9)]).sort().values
+    q, k, v = torch.randn(len(pos), d, generator=g), torch.randn(S_k, d, generator=g), torch.randn(S_k, d, generator=g)
+    o = sparse_mod.causal_rows(q, pos, k, v, 0.25, rows)
+    zeros = torch.zeros(len(pos), dtype=torch.long)
+    ref = naive_pairs(q, zeros, zeros, pos, k[None, None], v[None, None], 0.25)
+    assert o.shape == q.shape and torch.isfinite(o).all()
+    assert (o.double() - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 256])
+def test_prefill_chunks_with_padding_mask_match_naive(monkeypatch, chunk):
+    """One head's gathered queries (a random subset of positions, ascending) under transformers' 4D boolean
+    mask (causal, the first 9 keys padded), CHUNK rows at a time."""
+    monkeypatch.setattr(sparse_mod, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(chunk)
     T, S_k, d = 50, 61, 16
     t_n = torch.randperm(T, generator=g)[:31].sort().values
     q, k, v = torch.randn(31, d, generator=g), torch.randn(S_k, d, generator=g), torch.randn(S_k, d, generator=g)
-    mask, key_keep = None, None
-    if masked:  # transformers' 4D boolean mask: causal with the first 9 keys padded
-        key_keep = torch.ones(1, S_k, dtype=torch.bool)
-        key_keep[0, :9] = False
-        causal = torch.arange(S_k)[None, :] <= (S_k - T + torch.arange(T))[:, None]
-        mask = (causal & key_keep)[None, None]
-    o = sparse_mod._attend_prefill(q, k, v, mask, 0, t_n, T, 0.25)
+    key_keep = torch.ones(1, S_k, dtype=torch.bool)
+    key_keep[0, :9] = False
+    causal = torch.arange(S_k)[None, :] <= (S_k - T + torch.arange(T))[:, None]
+    o = sparse_mod._attend_prefill(q, k, v, (causal & key_keep)[None, None], 0, t_n, T, 0.25)
     ref = naive_pairs(q, torch.zeros(31, dtype=torch.long), torch.zeros(31, dtype=torch.long), S_k - T + t_n,
                       k[None, None], v[None, None], 0.25, key_keep)
     assert torch.isfinite(o).all()
     assert (o.double() - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("chunks,flash_keys", [((4,), [1, 12, 91]), ((4, 2), [1, 4, 12, 19, 91])])
-def test_prefill_blocks_see_only_their_keys(monkeypatch, chunks, flash_keys):
-    """The work really is causal: a block's flash part reads the keys from the band's start up to its first
-    row's position, never the rest of S_k (the key counts per flash call, worked out by hand)."""
-    monkeypatch.setattr(sparse_mod, "CHUNKS", chunks)
-    seen = []
+def test_causal_rows_read_only_their_keys(monkeypatch):
+    """The work really is causal: one masked flash call covers every block's band (from its first row's
+    position to its last), and each block's unmasked call reads only the keys before its first row, never the
+    rest of S_k (key counts worked out by hand: blocks [0 3 4 10] [11 12 30 31] [90 + 3 padding rows])."""
+    calls = []
     real = sparse_mod._flash
-    monkeypatch.setattr(sparse_mod, "_flash", lambda q, k, *a, **kw: seen.append(k.shape[2]) or real(q, k, *a, **kw))
-    t_n = torch.tensor([0, 3, 4, 10, 11, 12, 30, 31, 90])
+    monkeypatch.setattr(sparse_mod, "_flash",
+                        lambda q, k, *a, **kw: calls.append((q.shape[0], k.shape[2], "attn_mask" in kw))
+                        or real(q, k, *a, **kw))
+    pos = torch.tensor([0, 3, 4, 10, 11, 12, 30, 31, 90])
     q, k, v = torch.randn(9, 8), torch.randn(100, 8), torch.randn(100, 8)
-    o = sparse_mod._attend_prefill(q, k, v, None, 0, t_n, 100, 1.0)
-    assert seen == flash_keys
-    ref = naive_pairs(q, torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long), t_n, k[None, None],
-                      v[None, None], 1.0)
+    o = sparse_mod.causal_rows(q, pos, k, v, 1.0, 4)
+    assert calls == [(3, 21, True), (1, 11, False), (1, 90, False)]  # band W = 31 - 11 + 1; prefixes 11, 90
+    zeros = torch.zeros(9, dtype=torch.long)
+    ref = naive_pairs(q, zeros, zeros, pos, k[None, None], v[None, None], 1.0)
     assert (o.double() - ref).abs().max() <= 1e-5
 
 
@@ -127,9 +139,9 @@ def model_logits(moe, ids, impl, kernel="torch", **kw):
 
 @pytest.mark.parametrize("router", ["qnorm", "learned"])
 def test_sparse_equals_masked_at_longer_context(tmp_path, monkeypatch, router):
-    """T = 300 (several blocks per head at two levels, CHUNK 32 with the mask), batch 2, left padding."""
+    """T = 300 (blocks of 16 rows per key/value group, CHUNK 32 with the mask), batch 2, left padding."""
     monkeypatch.setattr(sparse_mod, "CHUNK", 32)
-    monkeypatch.setattr(sparse_mod, "CHUNKS", (64, 16))
+    monkeypatch.setattr(sparse_mod, "BLOCK_ROWS", 16)
     moe = heads_model(tmp_path, top_k=2, shared=1, router=router)
     ids = torch.randint(1, 128, (2, 300), generator=torch.Generator().manual_seed(1))
     ref = model_logits(moe, ids, "masked")
@@ -140,6 +152,26 @@ def test_sparse_equals_masked_at_longer_context(tmp_path, monkeypatch, router):
     out = model_logits(moe, ids, "sparse", attention_mask=mask)
     assert torch.isfinite(out).all()
     assert relative_error(out[0], ref[0]) <= 1e-5 and relative_error(out[1, 37:], ref[1, 37:]) <= 1e-5
+
+
+@pytest.mark.parametrize("router", ["qnorm", "learned"])
+def test_blocked_prefill_after_a_cache_equals_one_pass(tmp_path, monkeypatch, router):
+    """A second prefill chunk with no mask (T = 7 after 8 cached tokens): every row sees the cache and its own
+    chunk causally, the same outputs as one pass over all 15 tokens (blocks of 4 rows, shared and routed)."""
+    from transformers import DynamicCache
+
+    monkeypatch.setattr(sparse_mod, "BLOCK_ROWS", 4)
+    moe = heads_model(tmp_path, top_k=2, shared=1, router=router)
+    attn = head_expert_modules(moe)[0]
+    attn.impl = "sparse"
+    x = torch.randn(2, 15, 64, generator=torch.Generator().manual_seed(3))
+    cos, sin = moe.model.rotary_emb(x, torch.arange(15)[None].expand(2, -1))
+    with torch.no_grad():
+        full = attn(x, (cos, sin), attention_mask=None)[0]
+        cache = DynamicCache()
+        attn(x[:, :8], (cos[:, :8], sin[:, :8]), attention_mask=None, past_key_values=cache)
+        second = attn(x[:, 8:], (cos[:, 8:], sin[:, 8:]), attention_mask=None, past_key_values=cache)[0]
+    assert relative_error(second, full[:, 8:]) <= 1e-5
 
 
 # ---- the Triton kernel ------------------------------------------------------------------------------------

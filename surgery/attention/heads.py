@@ -98,7 +98,9 @@ class HeadExpertAttention(nn.Module):
         q_full = None  # [B*T, H, d] before RoPE, when the router needs every query
         if self.router is None:
             q_full = self.q_proj(x_TD).view(B * T, H, d)
-            logits = qnorm_logits(q_full[:, self.routed])
+            from surgery.attention.sparse import heads_index
+
+            logits = qnorm_logits(q_full[:, heads_index(self.routed)])
         else:
             logits = learned_logits(x_TD, self.router.weight, self.router.bias)
         self.last_router_logits = logits

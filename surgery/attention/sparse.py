@@ -4,16 +4,15 @@ Shape legend: B batch, T query tokens, S_k key positions (cache included), D hid
 G key/value heads, d head dim, n tokens that chose a head, C rows per chunk, L keys a chunk can see.
 
 Keys and values are dense and shared (computed and cached for every token by the caller); only queries are
-sparse. Shared heads run as one dense attention over every token. For each routed head h, the tokens that
-chose it are gathered: their query rows of q_proj (unless the qnorm router already computed every query),
-their scores against h's key/value group, their weighted values, and their slice of o_proj, added back with
-index_add_.
-  * Prefill: a batch row's gathered queries are in position order, so each part of them attends only to the
-    keys it can see (about half the keys on average, as a causal dense attention skips, instead of all S_k
-    for every gathered row). Without a padding mask, on CPU: blocks of rows, the keys before a block's first
-    row through the fused flash kernel (no score matrix kept, no mask), the band after it recursively in
-    smaller blocks down to a small masked block, merged by log-sum-exp. With a mask: chunks of CHUNK rows
-    by masked sdpa over the keys up to the chunk's last row.
+sparse. Shared heads run as one dense attention over every token. Routed heads attend only the (token, head)
+pairs the router chose:
+  * Prefill on CPU without a padding mask: the pairs of every routed head, grouped by batch row and key/value
+    group and put in position order, go through causal_rows: blocks of BLOCK_ROWS rows, the keys before a
+    block's first row through the fused flash kernel unmasked, the band of keys inside the block through one
+    masked flash call for all blocks, merged by log-sum-exp; each row reads only the keys it can see, as a
+    causal dense attention does. The weighted outputs go through o_proj once.
+  * Prefill with a padding mask: per routed head, its tokens' query rows, CHUNK rows at a time by masked sdpa
+    over the keys up to the chunk's last row, and its slice of o_proj added back with index_add_.
   * Decode (T = 1): each selected token's keys are gathered instead, so a batch is one matmul per head.
   * On CUDA with Triton (and no attention mask): one kernel launch attends every selected (token, head) pair
     (surgery_kernels/head_attention.py), with no per-head loop around it: the query rows are gathered from
@@ -43,8 +42,8 @@ def keep_mask(attention_mask, b: int, t_BT: torch.Tensor, T: int, S_k: int, devi
 
 CHUNK = 256  # gathered query rows per masked sdpa call in prefill (with a padding mask): small enough that a
 #              chunk's last row sees few keys more than its first, large enough to keep the kernel busy
-CHUNKS = (1024, 128)  # row blocks per level of the CPU flash path (no mask): large blocks keep the flash kernel
-#                     efficient on the long prefix, smaller ones cut the band after each block's first row
+BLOCK_ROWS = 256  # rows per block of the CPU flash path (no mask): at least four of the flash kernel's 64-row
+#                  query tiles (so both cores work), few enough that a block's band of positions stays short
 
 
 def _attend(q_nd, k_nSd, v_nSd, keep_nS, scaling):
@@ -73,58 +72,51 @@ def prefix_keep(attention_mask, b: int, t_C: torch.Tensor, T: int, S_k: int, dev
     return keep | empty[:, None] if empty.any() else keep
 
 
-# The CPU flash kernel behind sdpa, called directly because it also returns each row's log-sum-exp (sdpa with a
-# mask falls back to the unfused math path on CPU: scores materialised, several passes; twice the time here).
+# The CPU flash kernel behind sdpa, called directly: it returns each row's log-sum-exp, and it takes an additive
+# mask while staying fused (sdpa with a mask falls back to the unfused math path on CPU: twice the time here).
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _leaf(q_Cd, pos_C, k_Sd, v_Sd, lo, scaling):
-    """(output float32 [C, d], log-sum-exp [C]) of rows at positions pos_C over keys lo..pos (one masked score
-    block); a row with no such key gives output 0 and lse -inf."""
-    hi = int(pos_C[-1]) + 1
-    s = (q_Cd.float() @ k_Sd[lo:hi].float().T) * scaling
-    s.masked_fill_(torch.arange(lo, hi, device=s.device)[None, :] > pos_C[:, None], float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = (s - torch.where(torch.isfinite(lse), lse, 0.0)[:, None]).exp()
-    return p @ v_Sd[lo:hi].float(), lse
-
-
-def _causal_rows(q_Cd, pos_C, k_Sd, v_Sd, lo, scaling, sizes):
-    """(output float32, lse) of rows at positions pos_C (ascending, distinct) attending causally to keys lo..pos.
-    Rows are cut into blocks of sizes[0]: the keys lo..(block's first position), seen by all its rows, go
-    through the fused flash kernel (no mask, no score matrix kept); the band after them, up to the block's
-    last position, recurses with the next size, down to a small masked block. Parts merge by log-sum-exp."""
-    if not sizes:
-        return _leaf(q_Cd, pos_C, k_Sd, v_Sd, lo, scaling)
-    outs, lses = [], []
-    for i in range(0, len(pos_C), sizes[0]):
-        q, pos = q_Cd[i:i + sizes[0]], pos_C[i:i + sizes[0]]
-        p0, p1 = int(pos[0]), int(pos[-1])
-        o = lse = None
-        if p0 >= lo:
-            o, lse = _flash(q[None, None], k_Sd[None, None, lo:p0 + 1], v_Sd[None, None, lo:p0 + 1], 0.0, False,
-                            scale=scaling)
-            o, lse = o[0, 0].float(), lse[0, 0]
-        if p1 > p0:
-            ob, lb = _causal_rows(q, pos, k_Sd, v_Sd, max(lo, p0 + 1), scaling, sizes[1:])
-            if o is None:
-                o, lse = ob, lb
-            else:
-                total = torch.logaddexp(lse, lb)
-                o = o * (lse - total).exp()[:, None] + ob * (lb - total).exp()[:, None]
-                lse = total
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+def causal_rows(q_nd, pos_n, k_Sd, v_Sd, scaling, rows: int | None = None):
+    """Rows of queries at positions pos_n (ascending; repeats allowed: several heads' rows of one key/value
+    group) attending causally to shared keys: out [n, d] float32. Cut into blocks of `rows` rows; block j spans
+    positions first_j..last_j. The keys before first_j, seen by every row of the block, go through the fused
+    flash kernel unmasked, one call per block; the band first_j..last_j, where rows see different keys, goes
+    through one flash call for all blocks at once (their bands gathered, [blocks, W] keys, additive causal
+    mask). Every row sees its band's first key, so no row is empty; the parts merge by log-sum-exp."""
+    C = rows or BLOCK_ROWS
+    n, d = q_nd.shape
+    nb = -(-n // C)
+    pad = nb * C - n
+    q = q_nd.float()
+    if pad:  # padding rows repeat the last position: finite, dropped at the end
+        q = torch.cat([q, q.new_zeros(pad, d)])
+        pos_n = torch.cat([pos_n, pos_n[-1:].expand(pad)])
+    q_bCd, pos_bC = q.view(nb, C, d), pos_n.view(nb, C)
+    first = pos_bC[:, 0]
+    W = int((pos_bC[:, -1] - first).max()) + 1
+    key_bW = first[:, None] + torch.arange(W, device=q.device)[None, :]
+    mask = torch.where(key_bW[:, None, :] > pos_bC[:, :, None], float("-inf"), 0.0).to(q.dtype)
+    idx = key_bW.clamp(max=k_Sd.shape[0] - 1)  # keys past the end are masked anyway
+    k, v = k_Sd.float(), v_Sd.float()
+    o_band, lse_band = _flash(q_bCd[:, None], k[idx][:, None], v[idx][:, None], 0.0, False,
+                              attn_mask=mask[:, None], scale=scaling)
+    o_band, lse_band = o_band[:, 0], lse_band[:, 0]
+    o_pre, lse_pre = torch.zeros_like(o_band), torch.full_like(lse_band, float("-inf"))
+    for j, f in enumerate(first.tolist()):
+        if f:
+            o, lse = _flash(q_bCd[j][None, None], k[None, None, :f], v[None, None, :f], 0.0, False, scale=scaling)
+            o_pre[j], lse_pre[j] = o[0, 0], lse[0, 0]
+    total = torch.logaddexp(lse_pre, lse_band)
+    out = o_pre * (lse_pre - total).exp()[..., None] + o_band * (lse_band - total).exp()[..., None]
+    return out.view(nb * C, d)[:n]
 
 
 def _attend_prefill(q_nd, k_Sd, v_Sd, attention_mask, b, t_n, T, scaling):
-    """One head's gathered queries of one batch row (positions t_n ascending) against that row's keys, each
-    part against only the keys it can see: by flash blocks and bands on CPU without a mask, else CHUNK rows at
-    a time by masked sdpa over the chunk's keys."""
+    """One head's gathered queries of one batch row (positions t_n ascending) against that row's keys, CHUNK
+    rows at a time by masked sdpa over the keys up to the chunk's last row (the path with a padding mask, or
+    without the CPU flash kernel)."""
     S_k = k_Sd.shape[0]
-    if attention_mask is None and _flash is not None and q_nd.device.type == "cpu":
-        return _causal_rows(q_nd, S_k - T + t_n, k_Sd, v_Sd, 0, scaling, CHUNKS)[0].to(q_nd.dtype)
     o = torch.empty_like(q_nd)
     for i in range(0, len(t_n), CHUNK):
         keep = prefix_keep(attention_mask, b, t_n[i:i + CHUNK], T, S_k, q_nd.device)
@@ -144,6 +136,10 @@ def sparse_attention(attn, x_BTD, q_full, k_BGSd, v_BGSd, cos, sin, attention_ma
         sin.reshape(B * T, d) if sin.shape[0] == B else sin.expand(B, -1, -1).reshape(B * T, d)
     Wq, Wo = attn.q_proj.weight, attn.o_proj.weight  # [H*d, D], [D, H*d]
     bq = attn.q_proj.bias
+    if attention_mask is None and T > 1 and x_BTD.device.type == "cpu" and _flash is not None \
+            and not _use_kernel(attn, x_BTD):
+        return _prefill_by_blocks(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weights_TK, ids_TK,
+                                  T).view(B, T, D)
     y_TD = torch.zeros(B * T, D, dtype=x_BTD.dtype, device=x_BTD.device)
     t_all = torch.arange(T, device=x_BTD.device)
 
@@ -206,6 +202,13 @@ def sparse_attention(attn, x_BTD, q_full, k_BGSd, v_BGSd, cos, sin, attention_ma
     return y_TD.view(B, T, D)
 
 
+def heads_index(heads: list[int]):
+    """A slice for a contiguous run of heads (indexing by it is a view, not a copy), else the list."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return slice(heads[0], heads[0] + len(heads))
+    return heads
+
+
 def _use_kernel(attn, x) -> bool:
     """The Triton pair-attention kernel: `attn.sparse_kernel` "auto" (CUDA with triton), "triton" (always; on
     CPU only under TRITON_INTERPRET=1, for tests) or "torch" (never)."""
@@ -239,3 +242,62 @@ def _routed_by_kernel(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weight
     routed_attention(q_full, cos_Td.to(q_full.dtype), sin_Td.to(q_full.dtype), tok_N, h_N, weights_TK.reshape(-1),
                      tok_N // T, h_N // group, S_k - T + tok_N % T, k_BGSd, v_BGSd, attn.scaling, o_BTHd)
     return Fn.linear(o_BTHd.view(BT, H * d), attn.o_proj.weight)
+
+
+def _prefill_by_blocks(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weights_TK, ids_TK, T):
+    """CPU prefill without a padding mask. Every query is projected and rotated at once, as the dense layer
+    does (one matmul costs less here than gathering each head's token rows for its own). The shared heads of
+    each key/value group attend every token through sdpa; the routed heads' selected (token, head) pairs,
+    grouped by batch row and key/value group (the heads of a group read the same keys) and in position order,
+    go through causal_rows: a few large flash calls per group instead of small ones per head. Every output
+    lands in one [B*T, H*d] matrix (zeros where a token skipped a head) that goes through o_proj once, over the
+    heads somebody used (a routed head nobody chose is never read). Returns [B*T, D]."""
+    H, G, d = attn.heads, attn.kv_heads, attn.head_dim
+    group, S_k = H // G, k_BGSd.shape[2]
+    BT, K = ids_TK.shape
+    B = BT // T
+    dev = x_TD.device
+    if q_full is None:
+        q_full = attn.q_proj(x_TD).view(BT, H, d)
+    q_BTHd = rope(q_full, cos_Td[:, None], sin_Td[:, None])
+    o_BTHd = q_BTHd.new_zeros(BT, H, d)
+    if attn.shared:  # per key/value group, its shared heads over every token (sdpa broadcasts the one kv head)
+        mask = None
+        if T != S_k:  # a cache before these tokens: causal from position S_k - T on
+            mask = keep_mask(None, 0, torch.arange(T, device=dev), T, S_k, dev)
+        for g in sorted({h // group for h in attn.shared}):
+            hs = heads_index([h for h in attn.shared if h // group == g])
+            q = q_BTHd.view(B, T, H, d)[:, :, hs].transpose(1, 2)
+            out = Fn.scaled_dot_product_attention(q, k_BGSd[:, g:g + 1], v_BGSd[:, g:g + 1], attn_mask=mask,
+                                                  is_causal=mask is None, scale=attn.scaling, enable_gqa=True)
+            o_BTHd.view(B, T, H, d)[:, :, hs] = out.transpose(1, 2)
+    routed = getattr(attn, "_routed_heads", None)
+    if routed is None or routed.device != dev:
+        routed = attn._routed_heads = torch.as_tensor(attn.routed, device=dev)
+    tok_N = torch.arange(BT, device=dev).repeat_interleave(K)
+    r_N, w_N = ids_TK.reshape(-1), weights_TK.reshape(-1)
+    h_N = routed[r_N]
+    seg_N = (tok_N // T) * G + h_N // group  # (batch row, key/value group)
+    order = torch.argsort(seg_N * T + tok_N % T, stable=True)
+    tok_N, h_N, w_N, seg_N = tok_N[order], h_N[order], w_N[order], seg_N[order]
+    pair_N = tok_N * H + h_N
+    q_Nd = q_BTHd.reshape(BT * H, d).index_select(0, pair_N)
+    o_Nd = torch.empty_like(q_Nd)
+    start = 0
+    for bg, count in enumerate(torch.bincount(seg_N, minlength=B * G).tolist()):
+        if count:
+            rows = slice(start, start + count)
+            b, g = divmod(bg, G)
+            o_Nd[rows] = causal_rows(q_Nd[rows], S_k - T + tok_N[rows] % T, k_BGSd[b, g], v_BGSd[b, g],
+                                     attn.scaling)
+            start += count
+    o_BTHd.view(BT * H, d).index_copy_(0, pair_N, o_Nd * w_N.to(o_Nd.dtype)[:, None])
+    used = torch.zeros(H, dtype=torch.bool, device=dev)
+    used[attn.shared] = True
+    used[h_N] = True
+    if bool(used.all()):
+        return attn.o_proj(o_BTHd.view(BT, H * d))
+    heads = used.nonzero().squeeze(-1)
+    cols = (heads[:, None] * d + torch.arange(d, device=dev)[None, :]).reshape(-1)
+    y = Fn.linear(o_BTHd[:, heads].reshape(BT, -1), attn.o_proj.weight[:, cols])
+    return y if attn.o_proj.bias is None else y + attn.o_proj.bias
