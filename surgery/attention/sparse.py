@@ -107,8 +107,8 @@ def causal_rows(q_nd, pos_n, k_Sd, v_Sd, scaling, rows: int | None = None):
         if f:
             o, lse = _flash(q_bCd[j][None, None], k[None, None, :f], v[None, None, :f], 0.0, False, scale=scaling)
             o_pre[j], lse_pre[j] = o[0, 0], lse[0, 0]
-    total = torch.logaddexp(lse_pre, lse_band)
-    out = o_pre * (lse_pre - total).exp()[..., None] + o_band * (lse_band - total).exp()[..., None]
+    total = torch.logaddexp(lse_pre, lse_band)  # merged in place: large temporaries cost page faults on CPU
+    out = o_band.mul_((lse_band - total).exp_()[..., None]).add_(o_pre.mul_((lse_pre - total).exp_()[..., None]))
     return out.view(nb * C, d)[:n]
 
 
@@ -291,7 +291,7 @@ def _prefill_by_blocks(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weigh
             o_Nd[rows] = causal_rows(q_Nd[rows], S_k - T + tok_N[rows] % T, k_BGSd[b, g], v_BGSd[b, g],
                                      attn.scaling)
             start += count
-    o_BTHd.view(BT * H, d).index_copy_(0, pair_N, o_Nd * w_N.to(o_Nd.dtype)[:, None])
+    o_BTHd.view(BT * H, d).index_copy_(0, pair_N, o_Nd.mul_(w_N.to(o_Nd.dtype)[:, None]))
     used = torch.zeros(H, dtype=torch.bool, device=dev)
     used[attn.shared] = True
     used[h_N] = True
