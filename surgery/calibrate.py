@@ -265,12 +265,17 @@ def _teacher_ffn(teacher, l):
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
 
-def _moe_state(model, all_layers: bool = False) -> dict:
-    """What calibration changes: the MoE blocks (and head-expert attention, when the model has it), or with
-    e2e.train=all every decoder layer."""
+def trained_keys(model, state: dict, all_layers: bool = False) -> dict:
+    """The entries of `state` (the model's state dict, whole or gathered or sharded) that calibration changes:
+    the MoE blocks (and head-expert attention, when the model has it), or with e2e.train=all every decoder
+    layer; plus e2e.train=lora's adapters. Checkpoints, snapshots and distributed checkpoints all keep these."""
     keep = ("model.layers.",) if all_layers else (".mlp.", ".self_attn.") if head_expert_modules(model) else (".mlp.",)
-    keep += (lora.KEY,)  # e2e.train=lora: the adapters (none otherwise)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if any(p in k for p in keep)}
+    keep += (lora.KEY,)
+    return {k: v for k, v in state.items() if any(p in k for p in keep)}
+
+
+def _moe_state(model, all_layers: bool = False) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in trained_keys(model, model.state_dict(), all_layers).items()}
 
 
 def _save_ckpt(folder: Path, state: dict, model, optimizer=None, all_layers: bool = False) -> None:
@@ -543,8 +548,7 @@ def _save_snapshot(ckpt: Path, model, step: int, steps: int, seconds: float, all
     state of a sharded model). LoRA adapters are saved merged, under the plain weight names."""
     path = Path(ckpt) / f"snapshot-{step:06d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    keep = "model.layers." if all_layers else ".mlp."
-    state = _moe_state(model, all_layers) if full is None else {k: v for k, v in full.items() if keep in k}
+    state = _moe_state(model, all_layers) if full is None else trained_keys(model, full, all_layers)
     if cfg is not None and cfg.train == "lora":
         whole = model.state_dict() if full is None else full
         state = {k: v for k, v in state.items() if lora.KEY not in k}

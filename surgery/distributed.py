@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from surgery import lora
 from surgery.atomic import atomic_file
 from surgery.errors import SurgeryError
 
@@ -123,11 +122,6 @@ def from_env(device: str) -> Dist | None:
 # folder (dcp-<step>/, each rank's shards of the trained weights and optimizer state). A new DCP folder is
 # complete before ckpt.pt points at it, so a kill at any moment leaves the previous checkpoint usable.
 
-def _trained(state: dict, all_layers: bool) -> dict:
-    keep = "model.layers." if all_layers else ".mlp."
-    return {k: v for k, v in state.items() if keep in k or lora.KEY in k}  # e2e.train=lora's adapters
-
-
 def save_checkpoint(folder: Path, state: dict, model, optimizer, all_layers: bool, dist: Dist) -> None:
     import json
 
@@ -142,7 +136,9 @@ def save_checkpoint(folder: Path, state: dict, model, optimizer, all_layers: boo
         folder.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": _trained(msd, all_layers), "optim": osd}, checkpoint_id=str(tmp))
+    from surgery.calibrate import trained_keys
+
+    dcp.save({"model": trained_keys(model, msd, all_layers), "optim": osd}, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.main:
         shutil.rmtree(folder / name, ignore_errors=True)
@@ -165,8 +161,10 @@ def load_checkpoint(folder: Path, blob: dict, model, optimizer, all_layers: bool
     path = Path(folder) / blob["dcp"]
     if not path.is_dir():
         raise SurgeryError(f"{path}: distributed checkpoint folder is missing (named in {folder}/ckpt.pt)")
+    from surgery.calibrate import trained_keys
+
     msd, osd = get_state_dict(model, optimizer)
-    sd = {"model": _trained(msd, all_layers), "optim": osd}
+    sd = {"model": trained_keys(model, msd, all_layers), "optim": osd}
     dcp.load(sd, checkpoint_id=str(path), no_dist=not tdist.is_initialized())  # 1 process: no group needed
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                    options=StateDictOptions(strict=False))

@@ -4,6 +4,7 @@ block's error, end-to-end KD moves exactly the head parameters asked for, the he
 computation, resume restores the heads, stick-breaking heads are reached by calibration."""
 
 import json
+import os
 import math
 
 import pytest
@@ -215,6 +216,29 @@ def test_models_without_heads_keep_their_checkpoint_contents(tiny_llama):
     heads = convert_model(surgery.load(tiny_llama), ConvertConfig(experts=4, top_k=2, attention_experts=True,
                                                                   shared_heads=1, head_router="learned"))
     assert "model.layers.0.self_attn.router.weight" in _moe_state(heads)
+
+
+def test_every_checkpoint_kind_keeps_the_head_experts(tmp_path, tiny_llama, monkeypatch):
+    """One rule for what calibration trains: single-process checkpoints, snapshots of a gathered state and
+    torch.distributed checkpoints all keep head-expert attention (router, q/o projections) beside the MoE."""
+    import torch.distributed.checkpoint as dcp
+
+    import surgery.distributed as sdist
+    from surgery.calibrate import _save_snapshot
+
+    heads = convert_model(surgery.load(tiny_llama), ConvertConfig(experts=4, top_k=2, attention_experts=True,
+                                                                  shared_heads=1, head_router="learned"))
+    want = set(_moe_state(heads))
+    assert {k for k in want if ".self_attn." in k} and {k for k in want if ".mlp." in k}
+    snap = _save_snapshot(tmp_path, heads, 1, 2, 0.0, False, full=heads.state_dict())
+    assert set(torch.load(snap["path"])) == want
+    saved = {}
+    monkeypatch.setattr(dcp, "save", lambda sd, checkpoint_id: saved.update(sd["model"]) or os.mkdir(checkpoint_id))
+    opt = torch.optim.AdamW([p for p in heads.parameters()], lr=1e-3)
+    dist = sdist.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(sdist.Dist, "barrier", lambda self: None, raising=False)
+    sdist.save_checkpoint(tmp_path / "dcp", {"step": 1}, heads, opt, False, dist)
+    assert set(saved) == want
 
 
 def test_bad_head_train_is_refused(src):
