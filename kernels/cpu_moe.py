@@ -100,6 +100,8 @@ def pack(gate_EFD, up_EFD, down_EDF, shared=None) -> Packed:
 
 
 def choose_path(T: int, E: int, K: int) -> str:
+    if K >= E:  # every token runs every expert (e.g. E1 K1: a head-experts model's dense FFN): dense work
+        return "masked"
     skipped = 1 - K / E  # the fraction of routed experts a token does not run
     if 1 - skipped ** T <= GATHER_MAX_IN_USE:
         return "gather"

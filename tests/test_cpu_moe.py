@@ -72,6 +72,9 @@ def test_auto_goes_from_gather_to_grouped_as_tokens_grow():
         # Monotone in T: a path once left is not taken again.
         paths = [order.index(cpu_moe.choose_path(T, E, K)) for T in range(1, 8193)]
         assert paths == sorted(paths)
+    # Every expert selected by every token (E1 K1: the dense FFN of a heads-only conversion): the masked path,
+    # a dense FFN's work, at any T (grouped would gather and scatter every token for nothing).
+    assert {cpu_moe.choose_path(T, E, E) for T in (1, 8, 4096) for E in (1, 4)} == {"masked"}
 
 
 def test_packing_is_reused_and_follows_in_place_changes():
