@@ -202,6 +202,14 @@ def sparse_attention(attn, x_BTD, q_full, k_BGSd, v_BGSd, cos, sin, attention_ma
     return y_TD.view(B, T, D)
 
 
+def routed_heads(attn, device) -> torch.Tensor:
+    """The routed heads' ids as a tensor, made once per device and kept on the module (no copy a call)."""
+    routed = getattr(attn, "_routed_heads", None)
+    if routed is None or routed.device != device:
+        routed = attn._routed_heads = torch.as_tensor(attn.routed, device=device)
+    return routed
+
+
 def heads_index(heads: list[int]):
     """A slice for a contiguous run of heads (indexing by it is a view, not a copy), else the list."""
     if heads == list(range(heads[0], heads[0] + len(heads))):
@@ -234,9 +242,7 @@ def _routed_by_kernel(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weight
     if q_full is None:
         q_full = attn.q_proj(x_TD).view(BT, H, d)
     tok_N = torch.arange(BT, device=x_TD.device).repeat_interleave(K)
-    routed = getattr(attn, "_routed_heads", None)  # the routed heads' ids, made once per device (no copy a call)
-    if routed is None or routed.device != x_TD.device:
-        routed = attn._routed_heads = torch.as_tensor(attn.routed, device=x_TD.device)
+    routed = routed_heads(attn, x_TD.device)
     h_N = routed[ids_TK.reshape(-1)]
     o_BTHd = q_full.new_zeros(BT, H, d)
     routed_attention(q_full, cos_Td.to(q_full.dtype), sin_Td.to(q_full.dtype), tok_N, h_N, weights_TK.reshape(-1),
@@ -271,9 +277,7 @@ def _prefill_by_blocks(attn, x_TD, q_full, cos_Td, sin_Td, k_BGSd, v_BGSd, weigh
             out = Fn.scaled_dot_product_attention(q, k_BGSd[:, g:g + 1], v_BGSd[:, g:g + 1], attn_mask=mask,
                                                   is_causal=mask is None, scale=attn.scaling, enable_gqa=True)
             o_BTHd.view(B, T, H, d)[:, :, hs] = out.transpose(1, 2)
-    routed = getattr(attn, "_routed_heads", None)
-    if routed is None or routed.device != dev:
-        routed = attn._routed_heads = torch.as_tensor(attn.routed, device=dev)
+    routed = routed_heads(attn, dev)
     tok_N = torch.arange(BT, device=dev).repeat_interleave(K)
     r_N, w_N = ids_TK.reshape(-1), weights_TK.reshape(-1)
     h_N = routed[r_N]
