@@ -22,6 +22,7 @@ import torch
 import torch.distributed as tdist
 
 from surgery.atomic import atomic_file
+from surgery.calibrate import trained_keys
 from surgery.errors import SurgeryError
 
 # Rank 0 may gather and write a large model while the others wait in a collective: be patient.
@@ -136,8 +137,6 @@ def save_checkpoint(folder: Path, state: dict, model, optimizer, all_layers: boo
         folder.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     msd, osd = get_state_dict(model, optimizer)
-    from surgery.calibrate import trained_keys
-
     dcp.save({"model": trained_keys(model, msd, all_layers), "optim": osd}, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.main:
@@ -161,8 +160,6 @@ def load_checkpoint(folder: Path, blob: dict, model, optimizer, all_layers: bool
     path = Path(folder) / blob["dcp"]
     if not path.is_dir():
         raise SurgeryError(f"{path}: distributed checkpoint folder is missing (named in {folder}/ckpt.pt)")
-    from surgery.calibrate import trained_keys
-
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": trained_keys(model, msd, all_layers), "optim": osd}
     dcp.load(sd, checkpoint_id=str(path), no_dist=not tdist.is_initialized())  # 1 process: no group needed

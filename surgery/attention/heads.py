@@ -37,6 +37,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (x * cos) + (rotated * sin)
 
 
+def heads_index(heads: list[int]):
+    """A slice for a contiguous run of heads (indexing by it is a view, not a copy), else the list."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return slice(heads[0], heads[0] + len(heads))
+    return heads
+
+
 def _attention_function(module, impl: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -98,8 +105,6 @@ class HeadExpertAttention(nn.Module):
         q_full = None  # [B*T, H, d] before RoPE, when the router needs every query
         if self.router is None:
             q_full = self.q_proj(x_TD).view(B * T, H, d)
-            from surgery.attention.sparse import heads_index
-
             logits = qnorm_logits(q_full[:, heads_index(self.routed)])
         else:
             logits = learned_logits(x_TD, self.router.weight, self.router.bias)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as Fn
 
-from surgery.attention.heads import rope
+from surgery.attention.heads import heads_index, rope
 
 
 def keep_mask(attention_mask, b: int, t_BT: torch.Tensor, T: int, S_k: int, device) -> torch.Tensor:
@@ -208,13 +208,6 @@ def routed_heads(attn, device) -> torch.Tensor:
     if routed is None or routed.device != device:
         routed = attn._routed_heads = torch.as_tensor(attn.routed, device=device)
     return routed
-
-
-def heads_index(heads: list[int]):
-    """A slice for a contiguous run of heads (indexing by it is a view, not a copy), else the list."""
-    if heads == list(range(heads[0], heads[0] + len(heads))):
-        return slice(heads[0], heads[0] + len(heads))
-    return heads
 
 
 def _use_kernel(attn, x) -> bool:
