@@ -19,16 +19,20 @@ Forward only (inference).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .tuning import interpreting
 
+_LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e)), the scale folded into one multiply
+
 
 @triton.jit
 def _pair_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, row_ptr, tok_ptr, pos_ptr, w_ptr, cos_ptr, sin_ptr,
-                           blk_seg_ptr, blk_start_ptr, blk_end_ptr, keep_ptr, S_k, G, d, half, scaling,
+                           blk_seg_ptr, blk_start_ptr, blk_end_ptr, keep_ptr, S_k, G, d, half, qk_scale,
                            stride_kb, stride_kg, stride_ks, stride_vb, stride_vg, stride_vs, stride_keep_b,
                            ROPE: tl.constexpr, HAS_W: tl.constexpr, HAS_KEEP: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -80,15 +84,15 @@ def _pair_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, row_ptr, tok_ptr, pos_ptr
             s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
         else:
             s = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
-        s = s * scaling
+        s = s * qk_scale  # log2 units: exp2 is the GPU's native exponential
         keep = (keys[None, :] <= pos[:, None]) & key_ok[None, :]
         if HAS_KEEP:
             keep = keep & (tl.load(keep_ptr + b * stride_keep_b + keys, mask=key_ok, other=0) != 0)[None, :]
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet: no NaN
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + keys[:, None] * stride_vs + cols[None, :], mask=key_ok[:, None] & col_ok[None, :],
                     other=0.0)
@@ -142,12 +146,14 @@ def pair_attention(q_Nd: torch.Tensor, b_N: torch.Tensor, g_N: torch.Tensor, pos
 
 def routed_attention(q_THd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, tok_N: torch.Tensor,
                      h_N: torch.Tensor, w_N: torch.Tensor, b_N: torch.Tensor, g_N: torch.Tensor, pos_N: torch.Tensor,
-                     k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, scaling: float, out_THd: torch.Tensor) -> None:
+                     k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, scaling: float, out_THd: torch.Tensor,
+                     tiles: tuple[int, int, int, int] | None = None) -> None:
     """The sparse head path's whole routed attention in one launch, written into out_THd (zeros where no pair
     falls): for each pair n, the query of token tok_N[n], head h_N[n], read from the un-rotated projection
     q_THd [T, H, d] and rotated by that token's cos/sin [T, d] (RoPE, HF Llama's convention) in registers,
     attends as in `pair_attention`, and its output times w_N[n] goes to out_THd[tok_N[n], h_N[n]]. No per-pair
-    copy of queries or outputs is made; (token, head) pairs must be distinct."""
+    copy of queries or outputs is made; (token, head) pairs must be distinct. `tiles` (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) overrides the table `tiles_for` reads (for evals/tune_head_kernel.py)."""
     if tok_N.numel() == 0:
         return
     T, H, d = q_THd.shape
@@ -155,10 +161,31 @@ def routed_attention(q_THd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Te
     assert out_THd.is_contiguous() and out_THd.shape == q.shape and d % 2 == 0
     rows = tok_N.long() * H + h_N.long()
     _launch(q, out_THd, rows, tok_N, w_N.float().contiguous(), (cos_Td.contiguous(), sin_Td.contiguous()),
-            b_N, g_N, pos_N, k_BGSd, v_BGSd, scaling, None)
+            b_N, g_N, pos_N, k_BGSd, v_BGSd, scaling, None, tiles)
 
 
-def _launch(q, o, rows_N, tok_N, w_N, cos_sin, b_N, g_N, pos_N, k_BGSd, v_BGSd, scaling, key_keep_BS) -> None:
+def tiles_for(d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d. Under the interpreter one small fixed tile.
+    SURGERY_HEAD_TILES="128=64,64,8,3;64=..." overrides per head dim (what evals/tune_head_kernel.py's --best-out
+    writes), so a sweep's choice can be benchmarked in the whole model before it becomes the default."""
+    if interpreting():
+        return 16, 16, 1, 1
+    override = os.environ.get("SURGERY_HEAD_TILES", "")
+    for item in filter(None, override.split(";")):
+        try:
+            dim, tiles = item.split("=")
+            values = tuple(int(x) for x in tiles.split(","))
+        except ValueError:
+            raise ValueError(f"SURGERY_HEAD_TILES: {item!r} is not HEAD_DIM=BLOCK_M,BLOCK_N,WARPS,STAGES") from None
+        if len(values) != 4:
+            raise ValueError(f"SURGERY_HEAD_TILES: {item!r} needs four numbers after '='")
+        if int(dim) == d:
+            return values
+    return (64, 64, 4, 3) if d <= 64 else (64, 32, 4, 3)
+
+
+def _launch(q, o, rows_N, tok_N, w_N, cos_sin, b_N, g_N, pos_N, k_BGSd, v_BGSd, scaling, key_keep_BS,
+            tiles=None) -> None:
     """Sort the pairs into blocks of one (batch row, key/value head) and launch. q and o are addressed by row
     (rows_N[n], or n itself): the sort permutes only small index vectors, never q or o."""
     d = q.shape[-1]
@@ -174,10 +201,7 @@ def _launch(q, o, rows_N, tok_N, w_N, cos_sin, b_N, g_N, pos_N, k_BGSd, v_BGSd, 
     tok_sorted = tok_N[order].int().contiguous() if tok_N is not None else pos_sorted  # dummy when no RoPE
     w_sorted = w_N[order].contiguous() if w_N is not None else pos_sorted              # dummy when no weights
     cos, sin = cos_sin if cos_sin is not None else (q, q)                               # dummies
-    if interpreting():
-        block_m, block_n, warps = 16, 16, 1
-    else:
-        block_m, block_n, warps = (64, 64, 4) if d <= 64 else (64, 32, 4)
+    block_m, block_n, warps, stages = tiles or tiles_for(d)
     blk_seg, blk_start, blk_end, grid = _blocks(seg_sorted, B * G, block_m)
     k, v = k_BGSd, v_BGSd
     if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -185,10 +209,10 @@ def _launch(q, o, rows_N, tok_N, w_N, cos_sin, b_N, g_N, pos_N, k_BGSd, v_BGSd, 
     keep = key_keep_BS.to(torch.int8).contiguous() if key_keep_BS is not None else pos_sorted  # dummy pointer
     _pair_attention_kernel[(grid,)](
         q, k, v, o, row_sorted, tok_sorted, pos_sorted, w_sorted, cos, sin, blk_seg, blk_start, blk_end, keep,
-        S_k, G, d, d // 2, float(scaling),
+        S_k, G, d, d // 2, float(scaling) * _LOG2E,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keep.stride(0) if key_keep_BS is not None else 0,
         ROPE=cos_sin is not None, HAS_W=w_N is not None, HAS_KEEP=key_keep_BS is not None,
         IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_H=max(16, triton.next_power_of_2(max(1, d // 2))),
-        num_warps=warps)
+        num_warps=warps, num_stages=stages)

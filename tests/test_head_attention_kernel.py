@@ -293,7 +293,7 @@ fn = ha._pair_attention_kernel
 for dt, ieee, routed in (("fp16", False, True), ("bf16", False, True), ("bf16", False, False), ("fp32", True, True)):
     types = dict(q_ptr="*" + dt, k_ptr="*" + dt, v_ptr="*" + dt, o_ptr="*" + dt, row_ptr="*i64", tok_ptr="*i32",
                  pos_ptr="*i32", w_ptr="*fp32", cos_ptr="*" + dt, sin_ptr="*" + dt, blk_seg_ptr="*i32",
-                 blk_start_ptr="*i32", blk_end_ptr="*i32", keep_ptr="*i8", scaling="fp32")
+                 blk_start_ptr="*i32", blk_end_ptr="*i32", keep_ptr="*i8", qk_scale="fp32")
     consts = dict(ROPE=routed, HAS_W=routed, HAS_KEEP=not routed, IEEE=ieee, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128,
                   BLOCK_H=64)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
@@ -324,3 +324,33 @@ def test_gpu_half_at_long_context(kernel, dtype):
     sub = torch.randperm(6000)[:200].cuda()
     ref = naive_pairs(q[sub], b[sub], g[sub], pos[sub], k, v, 0.125)
     assert (o[sub].double().cpu() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_tile_sweep_checks_candidates_against_dense_reference(tmp_path, monkeypatch):
+    """evals/tune_head_kernel.py --smoke: every candidate's output matches the float32 dense reference, the
+    best is written in SURGERY_HEAD_TILES' format and that format is read back by tiles_for; a candidate
+    whose output is wrong is rejected, never chosen."""
+    require_triton(CUDA)
+    from surgery_evals import tune_head_kernel as tune
+    from surgery_kernels import head_attention as ha
+
+    best = tmp_path / "best.txt"
+    out = tune.main(["--smoke", "--json", str(tmp_path / "t.json"), "--best-out", str(best)])
+    assert len(out["rows"]) == 2 and all(r["ok"] and r["rel_error"] <= 1e-4 for r in out["rows"])
+    text = best.read_text().strip()
+    dim, tiles = text.split("=")
+    assert dim == "16" and list(map(int, tiles.split(","))) == out["best"]["16"]["tiles"]
+    case = tune.make_case(4, 2, 16, 40, 3, torch.float32, torch.device(DEV))
+    assert (case["ref"].abs().sum(-1) > 0).sum() == 40 * 3  # exactly the selected pairs are non-zero
+    real = tune.run_kernel
+    monkeypatch.setattr(tune, "run_kernel", lambda c, t: real(c, t) * (1.0 if t[0] == 16 else 1.01))
+    out = tune.main(["--smoke"])
+    assert [r["ok"] for r in out["rows"]] == [True, False] and out["best"]["16"]["tiles"] == [16, 16, 1, 1]
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # tiles_for's table, not the interpreter's fixed tile
+    monkeypatch.setenv("SURGERY_HEAD_TILES", "64=128,64,8,2;128=64,128,4,3")
+    assert ha.tiles_for(128) == (64, 128, 4, 3) and ha.tiles_for(64) == (128, 64, 8, 2)
+    assert ha.tiles_for(96) == (64, 32, 4, 3)
+    monkeypatch.setenv("SURGERY_HEAD_TILES", "128=64,64")
+    with pytest.raises(ValueError, match="SURGERY_HEAD_TILES"):
+        ha.tiles_for(128)
