@@ -1,7 +1,8 @@
 """Tile sweep for the head-expert attention kernel (kernels/head_attention.py) on a GPU: every (BLOCK_M, BLOCK_N,
 num_warps, num_stages) candidate times one `routed_attention` call (sort, blocks and kernel: what the model
-sees) over the routed (token, head) pairs of a batch-1 prefill, checked against the dense reference, beside
-the dense attention of every head through sdpa (cuDNN / flash) on the same tensors.
+sees, replayed as a CUDA graph so launch latency does not count) over the routed (token, head) pairs of a
+batch-1 prefill, checked against the dense reference, beside the dense attention of every head through sdpa
+(cuDNN / flash) on the same tensors.
 
     python -m surgery_evals.tune_head_kernel --json results/attention/head-kernel-tiles-h200.json --best-out best.txt
 
@@ -74,10 +75,14 @@ def run_kernel(case: dict, tiles) -> torch.Tensor:
 
 
 def time_ms(fn, device) -> float:
+    """Device time of one call. On CUDA replayed from a CUDA graph: the sort and block glue around the kernel is
+    a dozen small launches, and timed eagerly one call at a time their launch latency (not the GPU) sets the
+    figure and hides the tiles' differences (a first H200 sweep timed that way was all noise)."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=10, rep=50))
+        fn()  # compile outside the capture
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50))
     fn()
     t0 = time.perf_counter()
     fn()

@@ -354,3 +354,43 @@ def test_tile_sweep_checks_candidates_against_dense_reference(tmp_path, monkeypa
     monkeypatch.setenv("SURGERY_HEAD_TILES", "128=64,64")
     with pytest.raises(ValueError, match="SURGERY_HEAD_TILES"):
         ha.tiles_for(128)
+
+
+def test_blocks_split_sorted_segments():
+    """_blocks against a plain loop: every segment's rows (some segments empty, one longer than a block) cut into
+    blocks of at most block_m rows, padded with empty blocks to the static bound."""
+    require_triton(CUDA)
+    from surgery_kernels.head_attention import _blocks
+
+    counts = [5, 0, 1, 9, 0]
+    seg = torch.repeat_interleave(torch.arange(5), torch.tensor(counts)).to(DEV)
+    s, a, e, bound = _blocks(seg, 5, 4)
+    want, start = [], 0
+    for g, c in enumerate(counts):
+        for first in range(start, start + c, 4):
+            want.append((g, first, min(first + 4, start + c)))
+        start += c
+    got = [(int(x), int(y), int(z)) for x, y, z in zip(s, a, e)]
+    assert bound == -(-15 // 4) + 5 and len(got) == bound
+    assert got[:len(want)] == want and all(y == z for _, y, z in got[len(want):])
+
+
+@needs_cuda
+def test_routed_attention_never_syncs_with_the_host(kernel):
+    """The GPU path queues its launches without reading anything back (a sync a layer idles the GPU)."""
+    from surgery_kernels.head_attention import routed_attention
+
+    T, H, d, K = 64, 4, 32, 3
+    q = torch.randn(T, H, d, device="cuda", dtype=torch.float16)
+    cos, sin = torch.ones(T, d, device="cuda", dtype=q.dtype), torch.zeros(T, d, device="cuda", dtype=q.dtype)
+    tok = torch.arange(T, device="cuda").repeat_interleave(K)
+    h = torch.rand(T, H, device="cuda").argsort(-1)[:, :K].reshape(-1)
+    k = torch.randn(1, 2, T, d, device="cuda", dtype=q.dtype)
+    out = torch.zeros_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        routed_attention(q, cos, sin, tok, h, torch.ones(T * K, device="cuda"), tok * 0, h // 2, tok, k, k, 0.2, out)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.abs().sum() > 0
