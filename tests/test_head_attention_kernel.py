@@ -350,7 +350,7 @@ def test_tile_sweep_checks_candidates_against_dense_reference(tmp_path, monkeypa
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # tiles_for's table, not the interpreter's fixed tile
     monkeypatch.setenv("SURGERY_HEAD_TILES", "64=128,64,8,2;128=64,128,4,3")
     assert ha.tiles_for(128) == (64, 128, 4, 3) and ha.tiles_for(64) == (128, 64, 8, 2)
-    assert ha.tiles_for(96) == (64, 32, 4, 3)
+    assert ha.tiles_for(96) == (64, 64, 4, 3)
     monkeypatch.setenv("SURGERY_HEAD_TILES", "128=64,64")
     with pytest.raises(ValueError, match="SURGERY_HEAD_TILES"):
         ha.tiles_for(128)
