@@ -275,6 +275,7 @@ fi
 NAME="$(gpu_name)"
 mkdir -p results/gpu-check results/bench results/quality results/attention
 SUMMARY="results/gpu-check/gpu-check-$NAME.json"
+STARTED="$(mktemp)"  # its mtime marks this call's start
 ROWS="" FAILED=""
 finish() {
     local rc=$?
@@ -285,7 +286,8 @@ finish() {
                  "results/attention/prefill-llama2-7b-$NAME.json" "results/quality/smollm2-50pct-gpu-$NAME.json" \
                  "results/attention/profile-attention-4096-$NAME.json" "results/bench/profile-mlp-64-$NAME.json" \
                  "results/bench/model-llama2-7b-graphs-$NAME.json" "results/gpu-check/pytest-$NAME.log"; do
-            [ -f "$f" ] && cp "$f" "$OUT/"
+            # only what this call wrote: a lent machine returns a few files, and stale copies took their places
+            [ -f "$f" ] && [ "$f" -nt "$STARTED" ] && cp "$f" "$OUT/"
         done
     fi
     echo "gpu_check: summary in $SUMMARY (exit status $rc)"
