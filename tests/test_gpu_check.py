@@ -104,3 +104,24 @@ def test_keep_going_runs_the_later_stages_and_still_fails(tmp_path):
     summary = json.loads((work / "results" / "gpu-check" / "gpu-check-testgpu.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["demo", "kernels"] and summary["exit_status"] == 1
     assert all(s["status"].startswith("failed") for s in summary["stages"])
+
+
+def test_only_what_this_call_wrote_goes_back_in_OUT(tmp_path):
+    """The lent machine returns a few files from $OUT: results committed earlier (older than the call) are not
+    copied there, results the call wrote and the summary are."""
+    out = tmp_path / "out"
+    out.mkdir()
+    work = tmp_path / "tree"
+    (work / "results" / "bench").mkdir(parents=True)
+    (work / "results" / "attention").mkdir(parents=True)
+    old = work / "results" / "bench" / "kernels-testgpu.json"
+    new = work / "results" / "attention" / "prefill-llama2-7b-testgpu.json"
+    old.write_text("{}")
+    new.write_text("{}")
+    os.utime(old, (1e9, 1e9))  # 2001: before the call
+    future = 4e9  # 2096: as if written during the call
+    os.utime(new, (future, future))
+    env = dict(failing_env(tmp_path), OUT=str(out))
+    r, _ = run_in_copy(tmp_path, "--stages", "receive", env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check-testgpu.json", "prefill-llama2-7b-testgpu.json"]
