@@ -13,7 +13,8 @@
 # all), so --prepare splits it in two parts and a check is two calls to the same warm machine; the `receive`
 # stage of each call keeps what that call carried in $GPU_CHECK_STASH, outside the working tree:
 #   call 1, carry [.gpu-carry/base, .gpu-carry/part1]:  bash evals/gpu_check.sh --stages receive,env,tests,kernels,model
-#   (a 15-minute budget holds: --stages receive,env,attention,profile,graphs --keep-going, then tests if time is left)
+#   (a 15-minute budget holds: --stages receive,env,attention,tiles,profile,graphs --keep-going, then tests if time
+#   is left; a machine start costs ~1 minute of it each call, and the machine goes back after 30 s idle)
 #   call 2, carry [.gpu-carry/base, .gpu-carry/part2]:  bash evals/gpu_check.sh --stages receive,env,demo,recipe
 # (env is quick once done; the recipe resumes if its stage is rerun.) With one long call and both parts
 # present, the plain `bash evals/gpu_check.sh` runs everything in order, within ~30 minutes on one H100.
@@ -27,7 +28,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-STAGES_ALL=(receive env demo tests kernels model attention profile graphs recipe)
+STAGES_ALL=(receive env demo tests kernels model attention tiles profile graphs recipe)
 PY="${GPU_CHECK_PYTHON:-python3}"
 VENV="${GPU_CHECK_VENV:-$ROOT/.venv-gpu}"
 CARRY="${GPU_CHECK_CARRY:-$ROOT/.gpu-carry}"
@@ -44,14 +45,15 @@ usage_error() { echo "gpu_check: error: $*" >&2; exit 2; }
 
 # Time limit of each stage in seconds: 1800 s (30 minutes) in all. Measured on two H200s (2026-11-26): env 11 s;
 # tests over 300 s cold both times (Triton compiles every kernel once; 95 s once warm); attention 35 s; the two
-# profiles ~60 s; CUDA-graph decode of dense + E16 K4 at batch 1 and 8, 208 s with its compiles; kernels 63 s; model ~35 s
+# profiles ~60 s (30 s on a third); the tile sweep ~80 s; CUDA-graph decode of dense + E16 K4 at batch 1 and 8, 208 s with its compiles; kernels 63 s; model ~35 s
 # eager, while CUDA graphs (torch.compile of three 7B models at three batch sizes) outran 240 s. A stage stopped at its limit fails the
 # check; the recipe resumes where it stopped when its stage is run again (same --out).
 limit_of() {
     case "$1" in
         receive) echo 30 ;; env) echo 60 ;; demo) echo 90 ;; tests) echo 400 ;;
-        kernels) echo 150 ;; model) echo 150 ;; attention) echo 120 ;; profile) echo 90 ;; graphs) echo 240 ;;
-        recipe) echo 470 ;;
+        kernels) echo 150 ;; model) echo 150 ;; attention) echo 120 ;; tiles) echo 120 ;; profile) echo 90 ;;
+        graphs) echo 240 ;;
+        recipe) echo 350 ;;
     esac
 }
 
@@ -109,6 +111,7 @@ describe() {
         kernels) echo "surgery bench kernels --json results/bench/kernels-NAME.json" ;;
         model) echo "surgery bench model --synthetic llama2-7b -E 16 -K 4 --stock --runtime eager --json results/bench/model-llama2-7b-NAME.json" ;;
         attention) echo "surgery bench model --synthetic llama2-7b -E 16 -K 8 --attention-experts --runtime eager --prefill-ctx 2048,4096 --json results/attention/prefill-llama2-7b-NAME.json" ;;
+        tiles) echo "python -m surgery_evals.tune_head_kernel (the head kernel's tile candidates, CUDA-graph timed, checked against a float32 reference) --json results/attention/head-kernel-tiles-NAME.json" ;;
         profile) echo "python -m surgery_evals.profile_layer attention --tokens 4096 / mlp --tokens 64 (torch.profiler, one layer, dense vs converted) --json results/{attention,bench}/profile-*-NAME.json" ;;
         graphs) echo "surgery bench model --synthetic llama2-7b -E 16 -K 4 --runtime graphs --decode-batch 1,8 --json results/bench/model-llama2-7b-graphs-NAME.json" ;;
         recipe) echo "surgery run $RECIPE --out runs/smollm2-50pct-gpu --json results/quality/smollm2-50pct-gpu-NAME.json" ;;
@@ -208,6 +211,12 @@ stage_attention() {
         --runtime eager --prefill-ctx 2048,4096 --json "results/attention/prefill-llama2-7b-$NAME.json"
 }
 
+stage_tiles() {
+    # Which tiles the head kernel should use on this GPU (kernels/head_attention.py tiles_for): the sweep's
+    # "best" entry; SURGERY_HEAD_TILES="$(cat best)" benchmarks it in the whole model before it is committed.
+    "$PYV" -m surgery_evals.tune_head_kernel --json "results/attention/head-kernel-tiles-$NAME.json"
+}
+
 stage_profile() {
     # Where the converted layer's time goes (the figures above are totals): one attention layer at 4,096 tokens
     # and one FFN layer at 64 tokens (batched decode), ops ranked by device time.
@@ -285,6 +294,7 @@ finish() {
         for f in "results/bench/kernels-$NAME.json" "results/bench/model-llama2-7b-$NAME.json" \
                  "results/attention/prefill-llama2-7b-$NAME.json" "results/quality/smollm2-50pct-gpu-$NAME.json" \
                  "results/attention/profile-attention-4096-$NAME.json" "results/bench/profile-mlp-64-$NAME.json" \
+                 "results/attention/head-kernel-tiles-$NAME.json" \
                  "results/bench/model-llama2-7b-graphs-$NAME.json" "results/gpu-check/pytest-$NAME.log"; do
             # only what this call wrote: a lent machine returns a few files, and stale copies took their places
             [ -f "$f" ] && [ "$f" -nt "$STARTED" ] && cp "$f" "$OUT/"

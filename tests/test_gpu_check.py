@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "evals" / "gpu_check.sh"
-STAGES = ["receive", "env", "demo", "tests", "kernels", "model", "attention", "profile", "graphs", "recipe"]
+STAGES = ["receive", "env", "demo", "tests", "kernels", "model", "attention", "tiles", "profile", "graphs", "recipe"]
 
 
 def run(*args, env=None, cwd=ROOT, script=SCRIPT):
