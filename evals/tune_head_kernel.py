@@ -104,12 +104,15 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, a.dtype)
     shapes = a.shape or ["32:32:128", "32:8:64"]
-    tokens = [int(t) for t in a.tokens.split(",") if t]
+    try:
+        tokens = [int(t) for t in a.tokens.split(",") if t]
+    except ValueError:
+        p.error(f"--tokens {a.tokens!r}: expected comma-separated integers, e.g. 2048,4096")
     grid = GRID
     if a.smoke:
         shapes, tokens, dtype, grid = ["4:2:16"], [40], torch.float32, [(16, 16, 1, 1), (32, 16, 1, 1)]
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    rows, cases = [], []
+    rows = []
     for shape in shapes:
         try:
             H, G, d = (int(x) for x in shape.split(":"))
@@ -142,7 +145,6 @@ def main(argv=None) -> dict:
                 print(f"  {tiles}: " + (f"{row['ms']:.3f} ms, eff {row['efficiency_vs_sdpa']}, err {row['rel_error']:.1e}"
                                         if "ms" in row else row["error"]) + ("" if row["ok"] else "  REJECTED"),
                       flush=True)
-            cases.append(label)
     best = {}
     for d in sorted({r["head_dim"] for r in rows}):
         totals = {}
