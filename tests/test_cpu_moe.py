@@ -138,3 +138,25 @@ def test_route_equals_the_reference(score_func, renormalize, scale):
     rw, rids = reference.route(logits, 16, score_func, renormalize, scale)
     assert torch.equal(ids, rids)  # same experts, same order (largest first)
     torch.testing.assert_close(w, rw, atol=1e-6 * scale, rtol=1e-5)
+
+
+def test_compiled_on_cpu_one_graph_equal_to_eager():
+    """Under torch.compile on CPU the MoE FFN is the masked function: no graph break (the CPU path's packing
+    and host syncs would split the graph), and the compiled output equals the eager CPU path's (1e-5)."""
+    import torch._dynamo
+
+    gate, up, down, shared = make(6, 16, 32, 24)
+    w, ids = routing(8, 6, 2)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+
+    def ffn(x, w, ids):
+        return ops.moe_ffn(x, gate, up, down, w, ids, shared)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = ffn(x, w, ids)
+        explained = torch._dynamo.explain(ffn)(x, w, ids)
+        compiled = torch.compile(ffn, backend="eager")(x, w, ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch.testing.assert_close(compiled, eager, **TOL)
+    torch.testing.assert_close(compiled, reference.moe_ffn(x, gate, up, down, w, ids, shared), **TOL)
