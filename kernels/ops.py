@@ -9,7 +9,8 @@ impl: "auto"      Triton when the input is on CUDA and triton imports; on CPU th
       "reference" always the PyTorch reference
       "masked"    the reference's function computed densely with a routing mask (CPU calibration's path)
       "cpu"       kernels/cpu_moe.py: forward only, no autograd (speed on CPU; any device works)
-Under torch.compile on CPU, "auto" and "cpu" take the masked function (one graph, no host syncs).
+Under torch.compile on CPU, "auto" and "cpu" take the masked function (one graph, no host syncs), or for one
+token the gathered one (only its experts' weights read).
 The Triton, reference and masked paths are differentiable (the Triton path's backward recomputes through the
 reference).
 """
@@ -73,8 +74,10 @@ def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, do
     if not x_TD.is_cuda and impl in ("auto", "cpu") and torch.compiler.is_compiling():
         # Under torch.compile on CPU: the masked function, plain tensor ops the compiler fuses into one graph.
         # The CPU path's cached weight packing and host syncs would break the graph at every layer (and its
-        # per-layer recompiles hit the compiler's limit, leaving the model eager).
-        return reference.moe_ffn_masked(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
+        # per-layer recompiles hit the compiler's limit, leaving the model eager). One token reads only its
+        # experts (the shapes are static under compile, so this is decided at trace time).
+        fn = reference.moe_ffn_one_token if x_TD.shape[0] == 1 else reference.moe_ffn_masked
+        return fn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
     if _use_triton(x_TD, impl):
         from . import triton_moe
 

@@ -76,3 +76,19 @@ def moe_ffn_masked(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     if shared is not None:
         y = y + swiglu(x_TD, *shared)
     return y.to(x_TD.dtype)
+
+
+def moe_ffn_one_token(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+                      weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None) -> torch.Tensor:
+    """The same function for a single token (T = 1, a batch-1 decode step): its K experts' weights gathered by
+    index and nothing else read, with no host sync (the compiled CPU path's decode step)."""
+    assert x_TD.shape[0] == 1, "one token only"
+    ids_K, w_K = ids_TK[0], weights_TK[0]
+    x_D = x_TD[0]
+    g_KF = torch.einsum("kfd,d->kf", gate_EFD.index_select(0, ids_K), x_D)
+    u_KF = torch.einsum("kfd,d->kf", up_EFD.index_select(0, ids_K), x_D)
+    h_KF = Fn.silu(g_KF) * u_KF * w_K[:, None].to(x_TD.dtype)
+    y = torch.einsum("kdf,kf->d", down_EDF.index_select(0, ids_K), h_KF)[None]
+    if shared is not None:
+        y = y + swiglu(x_TD, *shared)
+    return y.to(x_TD.dtype)

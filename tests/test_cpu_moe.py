@@ -146,17 +146,23 @@ def test_compiled_on_cpu_one_graph_equal_to_eager():
     import torch._dynamo
 
     gate, up, down, shared = make(6, 16, 32, 24)
-    w, ids = routing(8, 6, 2)
-    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
 
     def ffn(x, w, ids):
         return ops.moe_ffn(x, gate, up, down, w, ids, shared)
 
-    torch._dynamo.reset()
-    with torch.no_grad():
-        eager = ffn(x, w, ids)
-        explained = torch._dynamo.explain(ffn)(x, w, ids)
-        compiled = torch.compile(ffn, backend="eager")(x, w, ids)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1
-    torch.testing.assert_close(compiled, eager, **TOL)
-    torch.testing.assert_close(compiled, reference.moe_ffn(x, gate, up, down, w, ids, shared), **TOL)
+    for T in (8, 1):  # the masked function; one token: its experts gathered
+        w, ids = routing(T, 6, 2)
+        x = torch.randn(T, 32, generator=torch.Generator().manual_seed(3))
+        torch._dynamo.reset()
+        with torch.no_grad():
+            eager = ffn(x, w, ids)
+            explained = torch._dynamo.explain(ffn)(x, w, ids)
+            compiled = torch.compile(ffn, backend="eager")(x, w, ids)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        torch.testing.assert_close(compiled, eager, **TOL)
+        torch.testing.assert_close(compiled, reference.moe_ffn(x, gate, up, down, w, ids, shared), **TOL)
+    # the one-token function on its own, with routing weights not summing to one and an expert repeated nowhere
+    w, ids = routing(1, 6, 3)
+    x = torch.randn(1, 32, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(reference.moe_ffn_one_token(x, gate, up, down, w * 0.7, ids, None),
+                               reference.moe_ffn(x, gate, up, down, w * 0.7, ids, None), **TOL)
