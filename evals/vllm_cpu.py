@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -116,10 +117,17 @@ def run_vllm(py: Path, model_dir: Path, spec: dict, work: Path) -> dict:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
     r = subprocess.run([str(py), __file__, "--inner-spec", str(spec_path), "--inner-out", str(out_path)],
                        env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not out_path.is_file():
+    # The inner run writes its JSON only after every measurement; vLLM 0.32's CPU engine sometimes aborts while
+    # shutting down after that ("terminate called without an active exception"), which loses nothing measured.
+    if not out_path.is_file():
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
-        fail(f"vLLM failed on {model_dir}:\n{tail}", 1)
-    return json.loads(out_path.read_text())
+        fail(f"vLLM failed on {model_dir} (exit status {r.returncode}):\n{tail}", 1)
+    out = json.loads(out_path.read_text())
+    if r.returncode != 0:
+        print(f"vllm_cpu: note: vLLM exited with status {r.returncode} after writing its results for {model_dir}",
+              file=sys.stderr)
+        out["exit_status"] = r.returncode
+    return out
 
 
 def main(argv=None) -> None:
@@ -156,8 +164,15 @@ def main(argv=None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     exported = work / "converted-qwen2_moe"
-    if not (exported / "config.json").is_file():
+    # The export is cached for the model it was made from: another model (or the same one rewritten) exports
+    # again (a stale export served by vLLM would be measured and compared as if it were this model).
+    source = {"model": str(Path(args.converted).resolve()),
+              "mtime_ns": max(f.stat().st_mtime_ns for f in Path(args.converted).iterdir() if f.is_file())}
+    marker = exported / "exported_from.json"
+    if not (exported / "config.json").is_file() or not marker.is_file() or json.loads(marker.read_text()) != source:
+        shutil.rmtree(exported, ignore_errors=True)
         export_model(args.converted, exported, "qwen2_moe", progress=False)
+        marker.write_text(json.dumps(source))
     py = ensure_venv(Path(args.venv))
 
     from transformers import AutoConfig
