@@ -300,6 +300,7 @@ finish() {
             [ -f "$f" ] && [ "$f" -nt "$STARTED" ] && cp "$f" "$OUT/"
         done
     fi
+    rm -f "$STARTED"
     echo "gpu_check: summary in $SUMMARY (exit status $rc)"
 }
 trap finish EXIT

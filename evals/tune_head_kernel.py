@@ -26,15 +26,11 @@ import time
 import torch
 import torch.nn.functional as Fn
 
+from surgery.attention.heads import rope
 from surgery_evals.throughput import machine, versions
 
 GRID = [(bm, bn, w, s) for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
         if not (bm == 128 and bn == 128 and s == 3)]  # the largest tiles at three stages overflow shared memory
-
-
-def _rope(x, cos, sin):
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
 
 
 def make_case(H: int, G: int, d: int, T: int, K: int, dtype, device, seed: int = 0) -> dict:
@@ -56,7 +52,7 @@ def make_case(H: int, G: int, d: int, T: int, K: int, dtype, device, seed: int =
                 w=w.reshape(-1).to(**to), b=torch.zeros_like(tok).to(**to), g=(h // (H // G)).to(**to),
                 pos=tok.to(**to), scaling=d ** -0.5)
     # Reference in float32: dense causal attention of every head on the rotated queries, then the kept pairs.
-    qr = _rope(q, cos[:, None], sin[:, None]).transpose(0, 1)[None].to(device)
+    qr = rope(q, cos[:, None], sin[:, None]).transpose(0, 1)[None].to(device)
     full = Fn.scaled_dot_product_attention(qr, k.to(device), v.to(device), is_causal=True, scale=d ** -0.5,
                                            enable_gqa=True)[0].transpose(0, 1)  # [T, H, d]
     ref = torch.zeros(T, H, d, device=device)
@@ -123,7 +119,7 @@ def main(argv=None) -> dict:
         K = max(1, round(a.active * H))
         for T in tokens:
             case = make_case(H, G, d, T, K, dtype, device)
-            q4 = _rope(case["q"], case["cos"][:, None], case["sin"][:, None]).transpose(0, 1)[None].contiguous()
+            q4 = rope(case["q"], case["cos"][:, None], case["sin"][:, None]).transpose(0, 1)[None].contiguous()
             dense_ms = time_ms(lambda: Fn.scaled_dot_product_attention(q4, case["k"], case["v"], is_causal=True,
                                                                          enable_gqa=True), device)
             scale = float(case["ref"].abs().max())
