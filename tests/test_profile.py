@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as Fn
 from click.testing import CliRunner
@@ -26,6 +27,20 @@ def test_stats_match_direct_computation(tiny_llama):
     assert torch.allclose(s.top_freq.sum(), torch.tensor(96 * 0.25), atol=0.05)  # a quarter of neurons per token
     assert torch.allclose(s.activations(mlp.gate_proj.weight, mlp.up_proj.weight), h, atol=1e-5)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_profile_on_cuda_matches_cpu(tiny_llama):
+    """A model on the GPU profiles to the same statistics, kept on the CPU (the first H200 recipe run failed here:
+    the importance product mixed a CUDA down-projection norm with CPU sums)."""
+    ids = torch.randint(0, 128, (256,), generator=torch.Generator().manual_seed(1))
+    cfg = ProfileConfig(tokens=256, ctx=64, samples=1000)
+    cpu = profile_model(surgery.load(tiny_llama), ids, cfg, progress=False)
+    gpu = profile_model(surgery.load(tiny_llama).cuda(), ids, cfg, progress=False)
+    for l in cpu:
+        assert gpu[l].importance.device.type == "cpu"
+        assert torch.allclose(gpu[l].importance, cpu[l].importance, rtol=1e-3, atol=1e-6)
+        assert torch.allclose(gpu[l].sq_mean, cpu[l].sq_mean, rtol=1e-3, atol=1e-6)
 
 def test_memory_bounded_by_samples(tiny_llama, tmp_path):
     model = surgery.load(tiny_llama)
