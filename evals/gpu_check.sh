@@ -46,7 +46,8 @@ usage_error() { echo "gpu_check: error: $*" >&2; exit 2; }
 # Time limit of each stage in seconds: 1800 s (30 minutes) in all. Measured on two H200s (2026-11-26): env 11 s;
 # tests over 300 s cold both times (Triton compiles every kernel once; 95 s once warm); attention 35 s; the two
 # profiles ~60 s (30 s on a third); the tile sweep ~80 s; CUDA-graph decode of dense + E16 K4 at batch 1 and 8, 208 s with its compiles; kernels 63 s; model ~35 s
-# eager, while CUDA graphs (torch.compile of three 7B models at three batch sizes) outran 240 s. A stage stopped at its limit fails the
+# eager, while CUDA graphs (torch.compile of three 7B models at three batch sizes) outran 240 s; the recipe spent
+# 265 s before its layer-wise stage (conversion 102 s, sampling 161 s) and needs resumed calls. A stage stopped at its limit fails the
 # check; the recipe resumes where it stopped when its stage is run again (same --out).
 limit_of() {
     case "$1" in
