@@ -23,7 +23,7 @@ import torch
 
 from . import reference
 
-IMPLS = ("auto", "triton", "reference", "masked", "cpu")
+IMPLS = ("auto", "triton", "reference", "masked", "sorted", "cpu")
 
 
 @functools.cache
@@ -89,4 +89,6 @@ def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, do
         return cpu_moe.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
     if impl == "masked":
         return reference.moe_ffn_masked(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
+    if impl == "sorted":
+        return reference.moe_ffn_sorted(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)
     return reference.moe_ffn(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK, shared)

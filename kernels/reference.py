@@ -78,6 +78,29 @@ def moe_ffn_masked(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     return y.to(x_TD.dtype)
 
 
+
+def moe_ffn_sorted(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+                   weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None) -> torch.Tensor:
+    """The same function with only the selected experts' work, laid out for training: the (token, expert) pairs
+    are sorted by expert and gathered ONCE, each expert runs on its contiguous slice, and the weighted outputs
+    go back in ONE scatter-add (moe_ffn gathers and scatters per expert, so its backward zero-fills a [T, D]
+    gradient per expert). K/E of the masked path's FLOPs: the calibration path when experts are few and K small.
+    Differentiable in x, the weights and the routing weights; one host sync (the counts)."""
+    T, K = ids_TK.shape
+    E, F, D = gate_EFD.shape
+    flat = ids_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    token_of = order // K
+    xs = x_TD.index_select(0, token_of)
+    parts = [Fn.linear(Fn.silu(Fn.linear(xe, gate_EFD[e])) * Fn.linear(xe, up_EFD[e]), down_EDF[e])
+             for e, xe in enumerate(xs.split(counts)) if counts[e]]
+    ys = torch.cat(parts) * weights_TK.reshape(-1)[order, None].to(x_TD.dtype)
+    y = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add(0, token_of, ys)
+    if shared is not None:
+        y = y + swiglu(x_TD, *shared)
+    return y
+
 def moe_ffn_one_token(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
                       weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None) -> torch.Tensor:
     """The same function for a single token (T = 1, a batch-1 decode step): its K experts' weights gathered by

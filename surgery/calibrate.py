@@ -37,7 +37,7 @@ from surgery.atomic import atomic_file
 from surgery.compensate import refit_down
 from surgery.data import windows_of
 from surgery.errors import SurgeryError
-from surgery.moe import MoEBlock, moe_blocks, set_impl
+from surgery.moe import MoEBlock, moe_blocks, set_impl, set_training_impl
 from surgery.router import RoutingConfig, fit_router, oracle_scores
 
 
@@ -587,7 +587,7 @@ def calibrate(student, teacher, tokenizer, cfg: CalibrateConfig, ckpt: Path | No
             raise SurgeryError(f"{ckpt}: checkpoint does not match this model")
     result = {"config": cfg.to_dict(), "calibration_tokens_available": int(ids.numel())}
     if next(student.parameters()).device.type == "cpu":
-        set_impl(student, "masked")  # same function, several times faster to train on a CPU (kernels/reference.py)
+        set_training_impl(student)  # same function, faster to train on a CPU than the grouped reference
     t0 = time.time()
     if cfg.layerwise is not None and state.get("stage") != "e2e":
         start = state.get("next_layer", 0) if state.get("stage") == "layerwise" else 0

@@ -78,7 +78,7 @@ class MoEBlock(nn.Module):
         self.shared_expert = SwiGLU(hidden, shared_width, dtype, device) if shared_width else None
         # Every expert on with weight 1: computes exactly the dense FFN it was cut from (the core invariant).
         self.dense_routing = False
-        self.impl = "auto"  # "auto" (Triton on GPU when available), "triton" or "reference"
+        self.impl = "auto"  # "auto" (Triton on GPU when available), "triton", "reference", "masked" or "sorted"
         self.last_router_logits: torch.Tensor | None = None  # [T, E] float32, for the calibration losses
         # Calibration's transition schedule: routing weights w become (1 - m) w + m (m = 1 with every expert
         # selected is the dense model exactly); 0 outside calibration.
@@ -143,3 +143,18 @@ def set_dense_routing(model: nn.Module, on: bool = True) -> None:
 def set_impl(model: nn.Module, impl: str) -> None:
     for block in moe_blocks(model):
         block.impl = impl
+
+
+def training_impl(block: MoEBlock) -> str:
+    """The faster differentiable CPU path for this block's shape (both compute the same function): "sorted"
+    (only the selected experts' work, one gather and one scatter) when experts are wide and few are chosen,
+    else "masked" (every expert on every token as three large matmuls). Measured for one block's forward +
+    backward on 512 tokens, 2 cores (ms, masked / sorted): E10 K2 of 96 wide 54 / 37, E13 K1 of 96 wide
+    51 / 30, E40 K8 of 24 wide 51 / 67, E48 K16 of 24 wide 51 / 94: small experts lose to per-expert overhead."""
+    E, F, _ = block.experts.gate_proj.shape
+    return "sorted" if F >= 64 and block.routing.top_k * 4 <= E else "masked"
+
+
+def set_training_impl(model: nn.Module) -> None:
+    for block in moe_blocks(model):
+        block.impl = training_impl(block)

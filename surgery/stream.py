@@ -35,6 +35,7 @@ from surgery.cluster import FFNWeights
 from surgery.convert import ConvertConfig, allocate_budgets, convert_layer, moe_block, plan_moe_config
 from surgery.errors import SurgeryError
 from surgery.modeling import copy_tokenizer_files, load_tokenizer, make_config, parse_dtype
+from surgery.moe import training_impl
 from surgery.profile import LayerCollector, ProfileConfig, calibration_ids
 from surgery.data import windows_of
 from surgery.safetensors_io import write_state_dict
@@ -310,7 +311,7 @@ def run_stream(src, out, cfg: StreamConfig, overwrite: bool = False, restart: bo
             cfg.convert.stats = {}
             block = moe_block(tensors, moe, base["hidden_size"], dense_mlp.gate_proj.weight).requires_grad_(False)
             block.routing = moe.layer_routing(l)
-            block.impl = "masked"  # as calibrate() on a CPU: the same function, faster to train
+            block.impl = training_impl(block)  # as calibrate() on a CPU: the same function, faster to train
             del ffn, tensors, stats
         with meter.stage("calibrate"):
             layer.mlp = block

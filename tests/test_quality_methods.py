@@ -29,23 +29,29 @@ def _experts(E=6, F=5, D=16, seed=0):
     return gate, up, down
 
 
+@pytest.mark.parametrize("path", ["masked", "sorted"])
 @pytest.mark.parametrize("K,score_func,shared", [(1, "softmax", False), (3, "softmax", True), (2, "sigmoid", True)])
-def test_masked_path_equals_grouped_reference(K, score_func, shared):
-    gate, up, down = _experts()
+def test_training_paths_equal_grouped_reference(path, K, score_func, shared):
+    """The masked and sorted calibration paths: same output and same gradients (routing logits, every weight,
+    the input) as the grouped reference, including an expert no token picks (6 experts, 40 tokens, K = 1)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, 16, generator=g)
-    logits = torch.randn(40, 6, generator=g, requires_grad=True)
+    logits = torch.randn(40, 6, generator=g)
+    logits[:, 5] -= 50  # expert 5 is never selected: the sorted path skips its empty slice
     sh = tuple(torch.randn(*s, generator=g) * 0.3 for s in ((7, 16), (7, 16), (16, 7))) if shared else None
+    fn = {"masked": reference.moe_ffn_masked, "sorted": reference.moe_ffn_sorted}[path]
     outs, grads = [], []
-    for fn in (reference.moe_ffn, reference.moe_ffn_masked):
-        w, ids = reference.route(logits, K, score_func, True, float(K))
-        y = fn(x, gate, up, down, w, ids, sh)
-        (gl,) = torch.autograd.grad(y.pow(2).sum(), logits)
+    for f in (reference.moe_ffn, fn):
+        ws = [t.clone().requires_grad_() for t in (*_experts(), x, logits)]
+        w, ids = reference.route(ws[4], K, score_func, True, float(K))
+        y = f(ws[3], *ws[:3], w, ids, sh)
         outs.append(y)
-        grads.append(gl)
+        grads.append(torch.autograd.grad(y.pow(2).sum(), ws))
     assert relative_error(outs[1], outs[0]) < 1e-5
-    # K=1 renormalised: the weight is constant, both gradients are ~0 (absolute bound then)
-    assert (grads[1] - grads[0]).abs().max() <= 1e-4 * max(1.0, grads[0].abs().max().item())
+    for name, a, b in zip(("gate", "up", "down", "x"), grads[1], grads[0]):
+        assert relative_error(a, b) < 1e-5, name
+    # K=1 renormalised: the weight is constant, both logit gradients are ~0 (absolute bound then)
+    assert (grads[1][4] - grads[0][4]).abs().max() <= 1e-4 * max(1.0, grads[0][4].abs().max().item())
 
 
 def test_transition_schedule_starts_at_k_start_and_ends_at_top_k():
@@ -263,3 +269,37 @@ def test_static_baseline_saves_a_stock_llama(tiny, text_file, tmp_path, compensa
         run_baseline(tiny, "static", 0.5, datasets={str(text_file): 128}, ctx=64, progress=False, save=out)
     with pytest.raises(SurgeryError, match="only the static baseline"):
         run_baseline(tiny, "oracle", 0.5, progress=False, save=tmp_path / "o")
+
+
+@pytest.mark.parametrize("E,F,K,expected", [(10, 96, 2, "sorted"), (13, 96, 1, "sorted"), (40, 24, 8, "masked"),
+                                             (48, 24, 16, "masked"), (8, 96, 4, "masked")])
+def test_training_path_follows_the_block_shape(E, F, K, expected):
+    from surgery.moe import MoEBlock, training_impl
+
+    block = MoEBlock(32, E, F, 0, RoutingConfig(top_k=K))
+    assert training_impl(block) == expected
+
+
+def test_calibration_trains_wide_experts_on_the_sorted_path(tiny, tmp_path):
+    """A block of 4 experts x 64 neurons with top-1 trains through the sorted path, then goes back to auto."""
+    from surgery.calibrate import CalibrateConfig, calibrate
+
+    big = make_llama(tmp_path / "wide", ffn=256, layers=2)
+    teacher = surgery.load(big)
+    student = convert_model(surgery.load(big), ConvertConfig(experts=4, top_k=1, seed=1))
+    seen = []
+    orig = reference.moe_ffn_sorted
+
+    def spy(*a, **k):
+        seen.append(torch.is_grad_enabled())
+        return orig(*a, **k)
+
+    reference.moe_ffn_sorted = spy
+    try:
+        cfg = CalibrateConfig(layerwise=None, e2e=EndToEndConfig(tokens=64, ctx=16, batch_size=2, lr=1e-3, train="moe"))
+        r = calibrate(student, teacher, None, cfg, ids=torch.randint(0, 128, (256,)), progress=False)
+    finally:
+        reference.moe_ffn_sorted = orig
+    assert seen and any(seen), "the e2e stage did not train through the sorted path"
+    assert all(b.impl == "auto" for b in moe_blocks(student))
+    assert r["e2e"]["history"][-1]["kd"] > 0
