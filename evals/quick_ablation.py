@@ -5,9 +5,10 @@ WikiText-2 test and stdlib source, append one JSON line to results/quality/ablat
         "method": "coactivation", "router_init": "fitted"}, "layerwise": {...}, "e2e": {...}, "data": "mix"}'
 
 The spec's blocks are ConvertConfig, LayerwiseConfig and EndToEndConfig fields (omit a block to skip that
-stage); "data" is the calibration data (default WikiText-2 valid). The profile (16k tokens of WikiText-2 valid,
-as the recipes) and each conversion are cached under runs/ablation-cache/, so ablations of calibration on one
-structure do not convert again. Short budgets, 8k-token evaluations: for choosing, not for final numbers.
+stage); "data" is the calibration data (default WikiText-2 valid); "layer_top_k" (a list, one k per layer) sets
+per-layer budgets on the converted model, as `python -m surgery_evals.layer_kl` proposes them. The profile
+(16k tokens of WikiText-2 valid, as the recipes) and each conversion are cached under runs/ablation-cache/, so
+ablations of calibration on one structure do not convert again. Short budgets, 8k-token evaluations: for choosing, not for final numbers.
 """
 
 from __future__ import annotations
@@ -21,37 +22,30 @@ from pathlib import Path
 import torch
 
 
-def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/ablation-cache",
-         source="runs/smollm2") -> dict:
-    from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate
+def converted_student(convert_spec: dict, cache_dir="runs/ablation-cache", source="runs/smollm2"):
+    """The demo model converted by `convert_spec` (ConvertConfig fields), from runs/ablation-cache when the same
+    structure was converted before (the profile, 16k tokens of WikiText-2 valid as the recipes', is cached too)."""
     from surgery.convert import ConvertConfig, convert_model
-    from surgery.data import resolve_data
     from surgery.modeling import load_model, load_tokenizer, set_layer_routing
-    from surgery.moe import set_impl
     from surgery.profile import ProfileConfig, calibration_ids, load_profile, profile_model, save_profile
-    from surgery_evals.perplexity import perplexity
-    from surgery_evals.report import machine
 
-    spec = json.loads(spec_text)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(source)
     prof = cache / "profile.pt"
     if not prof.exists():
         dense = load_model(source)
         pc = ProfileConfig(tokens=16384, ctx=512, samples=4096)
+        tok = load_tokenizer(source)
         save_profile(profile_model(dense, calibration_ids(tok, None, pc.tokens, dense, 0, False), pc, False), prof)
     stats, _ = load_profile(prof)
-    teacher = load_model(source)
     student = load_model(source)
-    cc = ConvertConfig(**spec["convert"])
+    cc = ConvertConfig(**convert_spec)
     cc.stats = stats
-    key = hashlib.sha256(json.dumps(spec["convert"], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(convert_spec, sort_keys=True).encode()).hexdigest()[:12]
     conv = cache / f"convert-{key}.pt"
-    t0 = time.time()
     if conv.exists():  # same structure as an earlier ablation: reuse its conversion
         blob = torch.load(conv, weights_only=False)
-        convert_model(student, ConvertConfig(**{**spec["convert"], "method": "random", "router_init": "centroid",
+        convert_model(student, ConvertConfig(**{**convert_spec, "method": "random", "router_init": "centroid",
                                                  "layer_budgets": "uniform"}))
         student.load_state_dict(blob["state"])
         blob["cfg"].__dict__.setdefault("layer_top_k", [])  # cached before per-layer budgets existed
@@ -60,6 +54,26 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
     else:
         convert_model(student, cc)
         torch.save({"state": student.state_dict(), "cfg": student.surgery_config}, conv)
+    return student
+
+
+def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/ablation-cache",
+         source="runs/smollm2") -> dict:
+    from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate
+    from surgery.data import resolve_data
+    from surgery.modeling import load_model, load_tokenizer, set_layer_routing
+    from surgery.moe import set_impl
+    from surgery_evals.perplexity import perplexity
+    from surgery_evals.report import machine
+
+    spec = json.loads(spec_text)
+    tok = load_tokenizer(source)
+    teacher = load_model(source)
+    t0 = time.time()
+    student = converted_student(spec["convert"], cache_dir, source)
+    if spec.get("layer_top_k"):  # explicit per-layer budgets (e.g. from surgery_evals.layer_kl), native-only
+        student.surgery_config.layer_top_k = list(spec["layer_top_k"])
+        set_layer_routing(student, student.surgery_config)
     res = {"spec": spec, "convert_seconds": round(time.time() - t0, 1)}
     if student.surgery_config.layer_top_k:
         res["layer_top_k"] = student.surgery_config.layer_top_k
