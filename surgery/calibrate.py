@@ -439,7 +439,10 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         dist.shard(teacher)
         params = [p for p in student.parameters() if p.requires_grad]  # the sharded stand-ins
     trainable = sum(p.numel() for p in params)  # what AdamW keeps two states for (DTensors: global sizes)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    # The fused AdamW: one kernel over all parameters (on 2 CPU cores, 106M parameters: 68 ms a step against
+    # 280 for the per-tensor loop). Not for torch.distributed's sharded stand-ins.
+    fused = dist is None and device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused or None)
     start, history, snaps = 0, [], []
     elapsed0 = 0.0
     if resume_blob is not None and resume_blob["state"].get("stage") == "e2e":
