@@ -103,7 +103,8 @@ def main(argv=None) -> dict:
     set_layer_routing(student, cfg)
     alloc_kl = mean_kl(student, wins, t_logp)
     res = {"convert": spec, "tokens": int(wins.numel()), "ctx": a.ctx, "data": "wikitext-valid",
-           "ks": ks, "uniform_kl": round(base, 5), "layer_kl": [{str(k): round(v, 5) for k, v in c.items()} for c in curves],
+           "ks": ks, "uniform_kl": round(base, 5),
+           "layer_kl": [{str(k): round(v, 5) for k, v in c.items()} for c in curves],
            "layer_top_k": alloc, "allocated_kl": round(alloc_kl, 5), "seconds": round(time.time() - t0, 1),
            "machine": machine()["summary"]}
     if a.json:

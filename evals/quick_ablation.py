@@ -8,7 +8,8 @@ The spec's blocks are ConvertConfig, LayerwiseConfig and EndToEndConfig fields (
 stage); "data" is the calibration data (default WikiText-2 valid); "layer_top_k" (a list, one k per layer) sets
 per-layer budgets on the converted model, as `python -m surgery_evals.layer_kl` proposes them. The profile
 (16k tokens of WikiText-2 valid, as the recipes) and each conversion are cached under runs/ablation-cache/, so
-ablations of calibration on one structure do not convert again. Short budgets, 8k-token evaluations: for choosing, not for final numbers.
+ablations of calibration on one structure do not convert again. Short budgets, 8k-token evaluations: for
+choosing, not for final numbers.
 """
 
 from __future__ import annotations

@@ -78,7 +78,6 @@ def moe_ffn_masked(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     return y.to(x_TD.dtype)
 
 
-
 def moe_ffn_sorted(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
                    weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None) -> torch.Tensor:
     """The same function with only the selected experts' work, laid out for training: the (token, expert) pairs
@@ -100,6 +99,7 @@ def moe_ffn_sorted(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     if shared is not None:
         y = y + swiglu(x_TD, *shared)
     return y
+
 
 def moe_ffn_one_token(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
                       weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None) -> torch.Tensor:

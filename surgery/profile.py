@@ -101,8 +101,8 @@ class _Collector:
         n = max(self.seen, 1)
         sq = (self.sq_sum / n).float()
         return LayerStats(inputs=self.reservoir[: self.filled].clone(), abs_mean=(self.abs_sum / n).float(),
-                          sq_mean=sq, top_freq=(self.top_count / n).float(), importance=sq * self.down_sq.to(sq.device),
-                          tokens=self.seen)
+                          sq_mean=sq, top_freq=(self.top_count / n).float(),
+                          importance=sq * self.down_sq.to(sq.device), tokens=self.seen)
 
 
 @torch.no_grad()
