@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as Fn
 
+from .reference import sort_pairs
+
 PATHS = ("auto", "gather", "masked", "sorted", "grouped")
 # "auto": "gather" while the experts some token selected are expected to be at most GATHER_MAX_IN_USE of all
 # (1 - (1 - K/E)^T, for independent tokens), since gathering pays off only while it skips many experts;
@@ -157,12 +159,8 @@ def _grouped(x_TD, p: Packed, weights_TK, ids_TK):
     weighted outputs added back per token."""
     T, D = x_TD.shape
     E, F, S = p.num_experts, p.width, p.shared_width
-    K = ids_TK.shape[1]
-    flat = ids_TK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token_of = order // K
+    order, token_of, counts = sort_pairs(ids_TK, E)  # one host sync per layer
     weight_of = weights_TK.reshape(-1)[order, None].to(x_TD.dtype)
-    counts = torch.bincount(flat, minlength=E).tolist()  # one host sync per layer
     down_EFD = p.down_all[S:].view(E, F, D)
     if p.shared_gate_up is not None:
         out = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.down_all[:S]
@@ -221,14 +219,10 @@ def _gather(x_TD, p: Packed, weights_TK, ids_TK):
 def _sorted(x_TD, p: Packed, weights_TK, ids_TK):
     T, D = x_TD.shape
     E, F, S = p.num_experts, p.width, p.shared_width
-    K = ids_TK.shape[1]
-    flat = ids_TK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    expert_of = flat[order]
-    token_of = order // K
-    counts = torch.bincount(flat, minlength=E).tolist()  # one host sync per layer
+    order, token_of, counts = sort_pairs(ids_TK, E)  # one host sync per layer
+    expert_of = ids_TK.reshape(-1)[order]
     x_sorted = x_TD.index_select(0, token_of)
-    h = torch.empty(T * K, 2 * F, dtype=x_TD.dtype, device=x_TD.device)
+    h = torch.empty(order.numel(), 2 * F, dtype=x_TD.dtype, device=x_TD.device)
     start = 0
     for e, n in enumerate(counts):
         if n:

@@ -7,11 +7,13 @@ impl: "auto"      Triton when the input is on CUDA and triton imports; on CPU th
                   (cpu_moe) when no gradient is wanted, else the reference
       "triton"    always Triton (on CPU this needs TRITON_INTERPRET=1, set before triton is imported)
       "reference" always the PyTorch reference
-      "masked"    the reference's function computed densely with a routing mask (CPU calibration's path)
+      "masked"    the reference's function computed densely with a routing mask (CPU calibration, small experts)
+      "sorted"    the reference's function, pairs sorted by expert, one gather and one scatter-add (CPU
+                  calibration, wide experts; surgery.moe.training_impl chooses between the two)
       "cpu"       kernels/cpu_moe.py: forward only, no autograd (speed on CPU; any device works)
 Under torch.compile on CPU, "auto" and "cpu" take the masked function (one graph, no host syncs), or for one
 token the gathered one (only its experts' weights read).
-The Triton, reference and masked paths are differentiable (the Triton path's backward recomputes through the
+The Triton, reference, masked and sorted paths are differentiable (the Triton path's backward recomputes through the
 reference).
 """
 

@@ -30,6 +30,14 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
     return Fn.linear(Fn.silu(Fn.linear(x, gate)) * Fn.linear(x, up), down)
 
 
+def sort_pairs(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The (token, k) pairs sorted by expert, stably (ties keep token order): (order [T*K], the flat pair index
+    of each sorted row; token_of [T*K], its token; counts, pairs per expert as a list: one host sync)."""
+    flat = ids_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order, order // ids_TK.shape[1], torch.bincount(flat, minlength=num_experts).tolist()
+
+
 def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
             weights_TK: torch.Tensor, ids_TK: torch.Tensor, shared=None) -> torch.Tensor:
     """y[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])  (+ shared SwiGLU(x[t]) with weight 1).
@@ -37,12 +45,8 @@ def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, do
     Tokens are grouped by expert with one stable sort; each expert runs once on its tokens and its weighted
     output is added back in float32, experts in increasing order (as transformers' Mixtral does, so the two
     agree to the bit in float32)."""
-    T, K = ids_TK.shape
-    E = gate_EFD.shape[0]
-    flat = ids_TK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E).tolist()  # one host sync: fine for the reference path
-    token_of = order // K
+    T = ids_TK.shape[0]
+    order, token_of, counts = sort_pairs(ids_TK, gate_EFD.shape[0])  # one host sync: fine for the reference
     weight_of = weights_TK.reshape(-1)[order]
     out = torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
     start = 0
@@ -85,12 +89,8 @@ def moe_ffn_sorted(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     go back in ONE scatter-add (moe_ffn gathers and scatters per expert, so its backward zero-fills a [T, D]
     gradient per expert). K/E of the masked path's FLOPs: the calibration path when experts are few and K small.
     Differentiable in x, the weights and the routing weights; one host sync (the counts)."""
-    T, K = ids_TK.shape
-    E, F, D = gate_EFD.shape
-    flat = ids_TK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E).tolist()
-    token_of = order // K
+    T, D = x_TD.shape
+    order, token_of, counts = sort_pairs(ids_TK, gate_EFD.shape[0])
     xs = x_TD.index_select(0, token_of)
     parts = [Fn.linear(Fn.silu(Fn.linear(xe, gate_EFD[e])) * Fn.linear(xe, up_EFD[e]), down_EDF[e])
              for e, xe in enumerate(xs.split(counts)) if counts[e]]
