@@ -28,15 +28,17 @@ import torch.nn.functional as Fn
 from tqdm import tqdm
 
 
+@torch.no_grad()
+def log_probs(model, window: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [ctx, V] (float32) of one window."""
+    return torch.log_softmax(model(input_ids=window[None], use_cache=False).logits[0].float(), -1)
+
+
 def mean_kl(model, windows: torch.Tensor, teacher_logp: list[torch.Tensor]) -> float:
     """Mean over tokens of KL(teacher || model) on `windows` [W, ctx], teacher log-probs given per window."""
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for w, t_logp in zip(windows, teacher_logp):
-            s_logp = torch.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1)
-            total += Fn.kl_div(s_logp, t_logp, log_target=True, reduction="sum").item()
-            n += w.numel()
-    return total / n
+    total = sum(Fn.kl_div(log_probs(model, w), t, log_target=True, reduction="sum").item()
+                for w, t in zip(windows, teacher_logp))
+    return total / windows.numel()
 
 
 def allocate(curves: list[dict[int, float]], base_k: int, floor: int = 1) -> list[int]:
@@ -82,8 +84,7 @@ def main(argv=None) -> dict:
     ks = [int(k) for k in a.ks.split(",")] if a.ks else list(range(1, min(cfg.num_experts, 2 * base_k) + 1))
     tok = load_tokenizer(a.source)
     wins = windows_of(tokenize_file(tok, resolve_data("wikitext-valid"), a.tokens), a.ctx)
-    with torch.no_grad():
-        t_logp = [torch.log_softmax(teacher(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in wins]
+    t_logp = [log_probs(teacher, w) for w in wins]
     base = mean_kl(student, wins, t_logp)
     curves = []
     bar = tqdm(total=len(blocks) * (len(ks) - 1), desc="layer KL", unit="eval")
