@@ -92,7 +92,10 @@ def moe_ffn_sorted(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     T, D = x_TD.shape
     order, token_of, counts = sort_pairs(ids_TK, gate_EFD.shape[0])
     xs = x_TD.index_select(0, token_of)
-    parts = [Fn.linear(Fn.silu(Fn.linear(xe, gate_EFD[e])) * Fn.linear(xe, up_EFD[e]), down_EDF[e])
+    # unbind, not gate_EFD[e]: the backward of E index views zero-fills E full [E, F, D] gradients and adds
+    # them up; unbind's is one stack
+    gates, ups, downs = gate_EFD.unbind(0), up_EFD.unbind(0), down_EDF.unbind(0)
+    parts = [Fn.linear(Fn.silu(Fn.linear(xe, gates[e])) * Fn.linear(xe, ups[e]), downs[e])
              for e, xe in enumerate(xs.split(counts)) if counts[e]]
     ys = torch.cat(parts) * weights_TK.reshape(-1)[order, None].to(x_TD.dtype)
     y = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add(0, token_of, ys)

@@ -20,6 +20,7 @@ Budgets are in tokens; bars show the loss and a running perplexity; checkpoints 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -92,7 +93,7 @@ class EndToEndConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # steps
-    autocast: str = "auto"  # bfloat16 autocast for student and teacher: "auto" (see fast_bf16), "on", "off"
+    autocast: str = "auto"  # bfloat16: "auto" (where it is fast; what runs in it: _E2EPrecision), "on", "off"
     # Transition schedule (Mixture-of-Tokens' transition tuning, for conversion): start at top-k = k_start
     # with unit routing weights (k_start = every expert: exactly the dense model) and move linearly to the
     # model's top-k and its own routing weights over the first `transition` fraction of steps.
@@ -155,6 +156,45 @@ def _autocast_on(setting, device: torch.device) -> bool:
     if setting == "auto":
         return fast_bf16(device)
     raise SurgeryError(f"autocast {setting!r}: choose auto, on or off")
+
+
+@dataclass
+class _E2EPrecision:
+    """Where the end-to-end stage uses bfloat16. A GPU, or autocast "on": autocast for both models (and the
+    lm_head). A CPU where bf16 matmuls are fast (AMX / AVX-512 BF16), under "auto": the teacher as a bfloat16
+    copy (its forward 3x faster than float32 on 2 Sapphire-Rapids-class cores) and the lm_head matmuls of the
+    chunked KD in bfloat16 (2.6x), but the student in float32: its eager forward+backward under autocast ran
+    slower there (2.1 s against 1.67 s a step of 512 tokens, E10 K2), every small expert matmul paying casts
+    both ways. "off", or a CPU without fast bf16: float32 throughout."""
+    student_autocast: bool
+    teacher_autocast: bool
+    teacher_dtype: torch.dtype | None  # run a copy of the teacher in this dtype (None: the teacher as given)
+    head_dtype: torch.dtype
+
+
+def _e2e_precision(setting, device: torch.device) -> _E2EPrecision:
+    on = _autocast_on(setting, device)
+    if on and (setting in (True, "on") or device.type != "cpu"):
+        return _E2EPrecision(True, True, None, torch.bfloat16)
+    if on:
+        return _E2EPrecision(False, False, torch.bfloat16, torch.bfloat16)
+    return _E2EPrecision(False, False, None, torch.float32)
+
+
+def _frozen_lm_heads(student, teacher, dtype: torch.dtype):
+    """(student's, teacher's) lm_head weights in `dtype` when both models are plain Llama-family causal LMs
+    whose heads are linear maps (no bias, no logit scaling or soft-capping), the student's frozen: then the chunked KD
+    (losses.kd_from_hidden) computes the same loss from the final hidden states. Else None (the logits path)."""
+    heads = []
+    for m in (student, teacher):
+        head, body = getattr(m, "lm_head", None), getattr(m, "model", None)
+        cfg = getattr(m, "config", None)
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None or body is None or \
+                (m is student and head.weight.requires_grad) or any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in
+                                                 ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+            return None
+        heads.append(head.weight.detach().to(dtype))
+    return tuple(heads)
 
 
 # ---- the student's layers, one at a time ----------------------------------------------------------------
@@ -463,7 +503,11 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     head_impls = [m.impl for m in heads]
     for m in heads:
         m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
-    autocast = _autocast_on(cfg.autocast, device)
+    prec = _e2e_precision(cfg.autocast, device)
+    # the chunked KD from final hidden states (single process): never [T, V] logits under autograd
+    heads_w = _frozen_lm_heads(student, teacher, prec.head_dtype) if dist is None else None
+    t_model = copy.deepcopy(teacher).to(prec.teacher_dtype) if prec.teacher_dtype is not None and dist is None \
+        else teacher
     snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
     student.train(False)  # no dropout in Llama; keep eval semantics
     ema_ce, ema_kd = None, None
@@ -477,12 +521,20 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 group["lr"] = _lr_at(step, steps, cfg)
             for b, r in zip(blocks, base_routing):
                 b.routing, b.unit_mix = _routing_at(step, steps, cfg, r, b.num_experts)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                with torch.no_grad():
-                    t_out = teacher(input_ids=mine, use_cache=False, output_hidden_states=bool(cfg.hidden))
-                s_out = student(input_ids=mine, use_cache=False, output_hidden_states=bool(cfg.hidden))
-            t_logits, s_logits = t_out.logits, s_out.logits
-            loss = losses.kd(s_logits, t_logits, cfg.temperature)
+            run_t = t_model.model if heads_w is not None else t_model  # the body: final hidden states
+            run_s = student.model if heads_w is not None else student
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec.teacher_autocast):
+                t_out = run_t(input_ids=mine, use_cache=False, output_hidden_states=bool(cfg.hidden))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec.student_autocast):
+                s_out = run_s(input_ids=mine, use_cache=False, output_hidden_states=bool(cfg.hidden))
+            if heads_w is not None:
+                D = s_out.last_hidden_state.shape[-1]
+                labels = torch.cat([mine[:, 1:], torch.full_like(mine[:, :1], -100)], 1).reshape(-1)
+                loss, ce_t = losses.kd_from_hidden(s_out.last_hidden_state.reshape(-1, D),
+                                                   t_out.last_hidden_state.reshape(-1, D), *heads_w, labels,
+                                                   cfg.temperature, chunk=128)
+            else:
+                loss = losses.kd(s_out.logits, t_out.logits, cfg.temperature)
             if cfg.hidden:  # [1:]: the embeddings are never trained, so index 0 is the same on both sides
                 hid = losses.hidden_distill(s_out.hidden_states[1:], t_out.hidden_states[1:])
                 loss_h = cfg.hidden * hid
@@ -501,9 +553,13 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             for b in blocks:
                 b.last_router_logits = None
             head_cal.clear_logits(heads)
-            with torch.no_grad():
-                V = s_logits.shape[-1]
-                ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].float().reshape(-1, V), mine[:, 1:].reshape(-1)).item()
+            if heads_w is not None:
+                ce = ce_t.item()
+            else:
+                with torch.no_grad():
+                    V = s_out.logits.shape[-1]
+                    ce = torch.nn.functional.cross_entropy(s_out.logits[:, :-1].float().reshape(-1, V),
+                                                           mine[:, 1:].reshape(-1)).item()
             kd, aux_v = loss.item(), float(aux.detach() if torch.is_tensor(aux) else aux)
             hid_v = hid.item() if hid is not None else None
             if dist is not None:  # each rank's numbers are means over equal token counts

@@ -176,17 +176,26 @@ def interleave(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
                   temperature: float = 1.0, top_p: float = 0.95, progress: bool = True,
-                  candidates: int = 1024) -> torch.Tensor:
+                  candidates: int = 1024, bf16: bool | None = None) -> torch.Tensor:
     """A data-free calibration corpus: `tokens` token ids sampled from the (dense) model itself, each sequence
     started from BOS (or a random vocabulary token when the tokenizer has none). Deterministic with `seed`.
 
     Nucleus sampling among the `candidates` most likely tokens (a top-k of the logits instead of sorting the
-    whole vocabulary at every step); batches shrink to what is still needed, so no sequence is wasted."""
+    whole vocabulary at every step); batches shrink to what is still needed, so no sequence is wasted.
+    bf16: sample from a bfloat16 copy of a float32 model on a CPU (None: where bf16 matmuls are fast,
+    calibrate.fast_bf16; the draws then differ from float32's where the rounding moves a probability)."""
+    import copy
+
     from tqdm import tqdm
 
+    from surgery.calibrate import fast_bf16
     from surgery.kvcache import returned_cache, with_cache
 
     device = next(model.parameters()).device
+    if bf16 is None:
+        bf16 = device.type == "cpu" and fast_bf16(device)
+    if bf16 and next(model.parameters()).dtype == torch.float32:
+        model = copy.deepcopy(model).to(torch.bfloat16)
     g = torch.Generator().manual_seed(seed)
     bos = tokenizer.bos_token_id
     vocab = model.config.vocab_size

@@ -16,6 +16,8 @@ Output losses:
                       the squared FFN output in layers 11 and 28), the per-token error alone lets those drift.
   * hidden_distill    block_error between student and teacher hidden states, averaged over layers (e2e).
   * kd                KL(teacher || student) on logits at temperature tau, times tau^2 (end-to-end).
+  * kd_from_hidden    the same KL (and the student's next-token cross-entropy) from the final hidden states
+                      and frozen lm_head weights, in row chunks, never holding [T, V] logits for autograd.
 """
 
 from __future__ import annotations
@@ -73,6 +75,66 @@ def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: 
     s = torch.log_softmax(student_logits.float().reshape(-1, V) / temperature, -1)
     t = torch.log_softmax(teacher_logits.float().reshape(-1, V) / temperature, -1)
     return Fn.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+class _ChunkedVocabKD(torch.autograd.Function):
+    """KL(teacher || student) over the vocabulary, row chunk by row chunk: each chunk's logits are made, used
+    and dropped while they are still in cache, and the gradient for the student's hidden states is computed
+    in the same pass ((softmax(s / tau) - softmax(t / tau)) * tau / N, times the frozen lm_head), so backward
+    is a multiply. On a 2-core CPU the whole-vocabulary path (49k-token lm_head, log-softmaxes, KL and their
+    autograd) was a third of an end-to-end step."""
+
+    @staticmethod
+    def forward(ctx, h_s, h_t, ws, wt, labels, temperature, chunk):
+        N, mm_dtype = h_s.shape[0], ws.dtype
+        grad = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        ce_n = 0
+        for i in range(0, N, chunk):
+            s = Fn.linear(h_s[i:i + chunk].to(mm_dtype), ws).float()
+            t = Fn.linear(h_t[i:i + chunk].to(mm_dtype), wt).float()
+            lab = labels[i:i + chunk]
+            valid = lab >= 0
+            raw = None
+            if temperature != 1:  # the cross-entropy metric is of the raw logits
+                raw = torch.log_softmax(s, -1) if valid.any() else None
+                s.div_(temperature)
+                t.div_(temperature)
+            ls = torch.log_softmax(s, -1)
+            lt = torch.log_softmax(t, -1)
+            if valid.any():
+                raw = ls if raw is None else raw
+                ce_sum -= raw[valid].gather(1, lab[valid, None]).sum()
+                ce_n += int(valid.sum())
+            pt = lt.exp()
+            kd_sum += (pt * (lt - ls)).sum()
+            g = ls.exp_().sub_(pt)  # softmax(s / tau) - softmax(t / tau), in place of ls
+            grad[i:i + chunk] = Fn.linear(g.to(mm_dtype), ws.t()).float()
+        grad.mul_(temperature / N)
+        ctx.save_for_backward(grad)
+        ctx.h_dtype = h_s.dtype
+        kd = (kd_sum * temperature ** 2 / N).float()
+        ce = (ce_sum / max(ce_n, 1)).float()
+        ctx.mark_non_differentiable(ce)
+        return kd, ce
+
+    @staticmethod
+    def backward(ctx, g_kd, g_ce):
+        (grad,) = ctx.saved_tensors
+        return (grad * g_kd).to(ctx.h_dtype), None, None, None, None, None, None
+
+
+def kd_from_hidden(h_s: torch.Tensor, h_t: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor,
+                   labels: torch.Tensor, temperature: float = 1.0, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kd, ce) for final hidden states h_s (student, differentiable) and h_t (teacher) [N, D] and their frozen
+    lm_head weights [V, D] (no bias, no logit scaling: a Llama-family head). kd is `kd` of the two models'
+    logits; ce the student's cross-entropy against labels [N] (-100: ignored), a metric without gradient.
+    The lm_head matmuls run in the weights' dtype (pass bfloat16 copies where that is fast: cast once, they
+    are frozen); the softmaxes and the KL in float32."""
+    if w_s.requires_grad or w_t.requires_grad:
+        raise ValueError("kd_from_hidden: the lm_head weights must be frozen")
+    return _ChunkedVocabKD.apply(h_s, h_t.detach(), w_s, w_t.to(w_s.dtype), labels, float(temperature), int(chunk))
 
 
 def hidden_distill(student_hidden, teacher_hidden) -> torch.Tensor:

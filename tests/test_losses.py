@@ -86,3 +86,34 @@ def test_hidden_distill_is_mean_block_error_over_layers():
     assert torch.allclose(losses.hidden_distill(student, teacher), want, rtol=1e-6)
     with pytest.raises(ValueError, match="2 student vs 3 teacher"):
         losses.hidden_distill(student[:2], teacher)
+
+
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 7), (2.0, 64)])
+def test_kd_from_hidden_equals_kd_of_logits(temperature, chunk):
+    """The chunked KD (final hidden states x frozen lm_heads) is `kd` of the two models' logits: same value
+    and same gradient for the student's hidden states (float32, 1e-5), its ce the cross-entropy of the raw
+    logits over the labelled rows; student and teacher heads may differ; chunks need not divide N."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 50, 16, 300
+    w_s, w_t = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
+    h_t = torch.randn(N, D, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::5] = -100
+    h1 = torch.randn(N, D, generator=g).requires_grad_(True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    want = losses.kd(h1 @ w_s.T, h_t @ w_t.T, temperature)
+    (want * 3).backward()
+    got, ce = losses.kd_from_hidden(h2, h_t, w_s, w_t, labels, temperature, chunk=chunk)
+    (got * 3).backward()
+    assert abs(got.item() - want.item()) < 1e-5 * max(1.0, want.item())
+    assert torch.allclose(h2.grad, h1.grad, rtol=1e-5, atol=1e-7)
+    keep = labels >= 0
+    ce_want = torch.nn.functional.cross_entropy((h1 @ w_s.T)[keep], labels[keep])
+    assert abs(ce.item() - ce_want.item()) < 1e-5
+    assert not ce.requires_grad
+
+
+def test_kd_from_hidden_refuses_a_trained_head():
+    w = torch.randn(10, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen"):
+        losses.kd_from_hidden(torch.randn(3, 4), torch.randn(3, 4), w, w.detach(), torch.zeros(3, dtype=torch.long))

@@ -83,6 +83,21 @@ def test_sampled_corpus_is_deterministic(tiny_llama):
     assert a.shape == (40,) and torch.equal(a, b) and int(a.max()) < 128
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sampled_corpus_from_a_bf16_copy_leaves_the_model_alone(tiny_llama, bf16):
+    """bf16=True samples from a bfloat16 copy (the default where bf16 matmuls are fast): deterministic, and the
+    caller's float32 model is neither cast nor changed."""
+    from surgery.data import sample_corpus
+    from surgery.modeling import load_tokenizer
+
+    model, tok = surgery.load(tiny_llama), load_tokenizer(tiny_llama)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = sample_corpus(model, tok, 30, seq_len=10, batch_size=2, seed=1, progress=False, bf16=bf16)
+    b = sample_corpus(model, tok, 30, seq_len=10, batch_size=2, seed=1, progress=False, bf16=bf16)
+    assert a.shape == (30,) and torch.equal(a, b) and int(a.max()) < 128
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_stdlib_text_is_deterministic():
     from surgery.data import stdlib_source_text
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import surgery
-from surgery.calibrate import (EndToEndConfig, _autocast_on, _epoch_order, _routing_at, fast_bf16,
+from surgery import calibrate as calibrate_mod
+from surgery.calibrate import (EndToEndConfig, _autocast_on, _e2e_precision, _epoch_order, _routing_at, fast_bf16,
                                run_end_to_end)
 from surgery.convert import ConvertConfig, convert_model
 from surgery.errors import SurgeryError
@@ -98,6 +99,46 @@ def test_autocast_setting():
 @pytest.fixture
 def tiny(tmp_path):
     return make_llama(tmp_path / "dense", ffn=96, layers=2)
+
+
+def test_e2e_precision_plan():
+    cpu = torch.device("cpu")
+    off = _e2e_precision("off", cpu)
+    assert (off.student_autocast, off.teacher_autocast, off.teacher_dtype, off.head_dtype) == \
+        (False, False, None, torch.float32)
+    on = _e2e_precision("on", cpu)  # "on" is autocast for both models, as before
+    assert on.student_autocast and on.teacher_autocast and on.head_dtype == torch.bfloat16
+    auto = _e2e_precision("auto", cpu)
+    if fast_bf16(cpu):  # a bf16 teacher copy and lm_head, the student in float32
+        assert (auto.student_autocast, auto.teacher_dtype, auto.head_dtype) == (False, torch.bfloat16, torch.bfloat16)
+    else:
+        assert auto == off
+    assert _e2e_precision("auto", torch.device("cuda")).student_autocast
+
+
+def test_e2e_chunked_kd_trains_like_the_logits_path(tiny, monkeypatch):
+    """The single-process e2e stage computes its KD from final hidden states in row chunks; the logits path
+    (kept for torchrun and for heads it cannot read) must give the same losses and the same trained weights."""
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-3, autocast="off", train="all")
+    runs = []
+    for chunked in (True, False):
+        if not chunked:
+            monkeypatch.setattr(calibrate_mod, "_frozen_lm_heads", lambda *a: None)
+        teacher = surgery.load(tiny)
+        student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
+        set_impl(student, "sorted")
+        res = run_end_to_end(student, teacher, ids, cfg, progress=False)
+        runs.append((res["history"], student.state_dict()))
+    (h1, s1), (h2, s2) = runs
+    assert len(h1) == 4
+    for a, b in zip(h1, h2):
+        assert abs(a["kd"] - b["kd"]) < 1e-4 * max(1.0, b["kd"]) and abs(a["ce"] - b["ce"]) < 1e-4 * b["ce"]
+    start = surgery.load(tiny).state_dict()
+    moved = [k for k in s1 if k in start and not torch.equal(s1[k], start[k])]
+    assert moved  # the run trained something
+    for k in s1:
+        assert torch.allclose(s1[k], s2[k], rtol=1e-4, atol=1e-6), k
 
 
 def test_e2e_transition_ends_at_target_k_and_restores_routing(tiny, tmp_path):
