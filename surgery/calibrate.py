@@ -94,6 +94,9 @@ class EndToEndConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # steps
     autocast: str = "auto"  # bfloat16: "auto" (where it is fast; what runs in it: _E2EPrecision), "on", "off"
+    # KD from the final hidden states in row chunks (losses.kd_from_hidden) where the models allow it; False:
+    # the whole-vocabulary logits path (the same loss, slower; kept for comparison and for torchrun)
+    chunked_kd: bool = True
     # Transition schedule (Mixture-of-Tokens' transition tuning, for conversion): start at top-k = k_start
     # with unit routing weights (k_start = every expert: exactly the dense model) and move linearly to the
     # model's top-k and its own routing weights over the first `transition` fraction of steps.
@@ -434,9 +437,10 @@ def _epoch_order(n: int, steps: int, batch_size: int, g: torch.Generator) -> tor
 
 def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, seed: int = 0,
                    ckpt: Path | None = None, resume_blob: dict | None = None, progress: bool = True,
-                   dist=None) -> dict:
+                   dist=None, on_step=None) -> dict:
     """With `dist` (surgery/distributed.py, under torchrun) student and teacher are sharded here and each
-    rank runs its slice of every global batch; without it this is the single-process loop."""
+    rank runs its slice of every global batch; without it this is the single-process loop. on_step() is
+    called after every optimizer step (benchmarks time the steps with it)."""
     device = next(student.parameters()).device
     wins = windows_of(ids, cfg.ctx)
     if wins.shape[0] == 0:
@@ -505,7 +509,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
     prec = _e2e_precision(cfg.autocast, device)
     # the chunked KD from final hidden states (single process): never [T, V] logits under autograd
-    heads_w = _frozen_lm_heads(student, teacher, prec.head_dtype) if dist is None else None
+    heads_w = _frozen_lm_heads(student, teacher, prec.head_dtype) if dist is None and cfg.chunked_kd else None
     t_model = copy.deepcopy(teacher).to(prec.teacher_dtype) if prec.teacher_dtype is not None and dist is None \
         else teacher
     snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
@@ -550,6 +554,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if on_step is not None:
+                on_step()
             for b in blocks:
                 b.last_router_logits = None
             head_cal.clear_logits(heads)

@@ -118,17 +118,21 @@ def test_e2e_precision_plan():
 
 def test_e2e_chunked_kd_trains_like_the_logits_path(tiny, monkeypatch):
     """The single-process e2e stage computes its KD from final hidden states in row chunks; the logits path
-    (kept for torchrun and for heads it cannot read) must give the same losses and the same trained weights."""
+    (chunked_kd false; torchrun, heads it cannot read) must give the same losses and the same trained weights."""
     ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
-    cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-3, autocast="off", train="all")
+    calls = []
+    real = calibrate_mod.losses.kd_from_hidden
+    monkeypatch.setattr(calibrate_mod.losses, "kd_from_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
     for chunked in (True, False):
-        if not chunked:
-            monkeypatch.setattr(calibrate_mod, "_frozen_lm_heads", lambda *a: None)
+        cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-3, autocast="off", train="all",
+                             chunked_kd=chunked)
         teacher = surgery.load(tiny)
         student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
         set_impl(student, "sorted")
-        res = run_end_to_end(student, teacher, ids, cfg, progress=False)
+        steps = []
+        res = run_end_to_end(student, teacher, ids, cfg, progress=False, on_step=lambda: steps.append(1))
+        assert len(steps) == 4 and len(calls) == 4  # the chunked run's four steps, none from the logits run
         runs.append((res["history"], student.state_dict()))
     (h1, s1), (h2, s2) = runs
     assert len(h1) == 4

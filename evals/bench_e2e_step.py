@@ -1,0 +1,86 @@
+"""Tokens per second of the end-to-end calibration stage (teacher forward, student forward and backward, KD,
+fused AdamW) on the demo model's conversion, for each precision setting and KD path, in one process and on the
+same windows. Writes JSON with the machine.
+
+    python -m surgery_evals.bench_e2e_step [--convert '{"experts": 10, "shared_experts": 6, "top_k": 2}'] \\
+        [--tokens 4096] [--settings off:logits,off,on,auto] [--repeats 2] [--json results/bench/e2e-step-cpu.json]
+
+A setting is `autocast[:logits]`: autocast is EndToEndConfig.autocast (off, on, auto: what each runs in bf16 is
+surgery.calibrate._E2EPrecision); `:logits` takes the whole-vocabulary logits path instead of the chunked KD
+from final hidden states (e2e.chunked_kd false). The first step of each run is a warm-up and is not timed.
+The conversion is cached as the quick ablations' (runs/ablation-cache/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--convert", default='{"experts": 10, "shared_experts": 6, "top_k": 2}',
+                    help="ConvertConfig fields as JSON (coactivation clustering and fitted routers unless given)")
+    ap.add_argument("--tokens", type=int, default=4096, help="end-to-end tokens per timed run")
+    ap.add_argument("--settings", default="off:logits,off,on,auto")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per setting, interleaved")
+    ap.add_argument("--source", default="runs/smollm2")
+    ap.add_argument("--json", dest="json_path", default="results/bench/e2e-step-cpu.json")
+    a = ap.parse_args(argv)
+    settings = a.settings.split(",")
+    for s in settings:
+        ac, _, path = s.partition(":")
+        if ac not in ("off", "on", "auto") or path not in ("", "logits"):
+            ap.error(f"--settings: {s!r} is not autocast[:logits] with autocast off, on or auto")
+    try:
+        spec = {"method": "coactivation", "router_init": "fitted", **json.loads(a.convert)}
+    except json.JSONDecodeError as e:
+        ap.error(f"--convert: not JSON ({e})")
+
+    from surgery.calibrate import EndToEndConfig, _e2e_precision, fast_bf16, run_end_to_end
+    from surgery.data import resolve_data, tokenize_file
+    from surgery.modeling import load_model, load_tokenizer
+    from surgery.moe import set_training_impl
+    from surgery_evals.quick_ablation import converted_student
+    from surgery_evals.report import machine
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    ids = tokenize_file(load_tokenizer(a.source), resolve_data(None), max(16384, 2 * a.tokens))
+    teacher = load_model(a.source)
+    cpu = torch.device("cpu")
+    runs = {s: [] for s in settings}
+    for r in range(a.repeats):
+        for s in settings:
+            ac, _, path = s.partition(":")
+            student = converted_student(spec, source=a.source)
+            set_training_impl(student)
+            cfg = EndToEndConfig(tokens=a.tokens + 512, ctx=256, batch_size=2, lr=3e-4, train="all", autocast=ac,
+                                 chunked_kd=path != "logits")
+            marks = []
+            res = run_end_to_end(student, teacher, ids, cfg, progress=False, on_step=lambda: marks.append(time.time()))
+            timed = marks[-1] - marks[0]  # after the first (warm-up) step
+            tok = (len(marks) - 1) * 512
+            runs[s].append({"tokens_per_s": round(tok / timed, 1), "kd_last": res["history"][-1]["kd"]})
+            print(s, runs[s][-1], flush=True)
+    out = {"convert": spec, "tokens": a.tokens, "ctx": 256, "batch_size": 2, "threads": torch.get_num_threads(),
+           "fast_bf16": fast_bf16(cpu),
+           "settings": {s: {"precision": {k: str(v) for k, v in vars(_e2e_precision(s.split(":")[0], cpu)).items()},
+                            "kd": "logits" if s.endswith(":logits") else "chunked",
+                            "tokens_per_s": [x["tokens_per_s"] for x in runs[s]],
+                            "median_tokens_per_s": sorted(x["tokens_per_s"] for x in runs[s])[len(runs[s]) // 2]}
+                        for s in settings},
+           "machine": machine()["summary"],
+           "command": "python -m surgery_evals.bench_e2e_step " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if a.json_path:
+        Path(a.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json_path).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
