@@ -186,15 +186,16 @@ def _e2e_precision(setting, device: torch.device) -> _E2EPrecision:
 
 def _frozen_lm_heads(student, teacher, dtype: torch.dtype):
     """(student's, teacher's) lm_head weights in `dtype` when both models are plain Llama-family causal LMs
-    whose heads are linear maps (no bias, no logit scaling or soft-capping), the student's frozen: then the chunked KD
-    (losses.kd_from_hidden) computes the same loss from the final hidden states. Else None (the logits path)."""
+    whose heads are linear maps (no bias, no logit scaling or soft-capping), the student's frozen: then the
+    chunked KD (losses.kd_from_hidden) computes the same loss from the final hidden states. Else None."""
+    scaling = ("final_logit_softcapping", "logit_scale", "logits_scaling")
     heads = []
     for m in (student, teacher):
-        head, body = getattr(m, "lm_head", None), getattr(m, "model", None)
-        cfg = getattr(m, "config", None)
-        if not isinstance(head, torch.nn.Linear) or head.bias is not None or body is None or \
-                (m is student and head.weight.requires_grad) or any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in
-                                                 ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        head, cfg = getattr(m, "lm_head", None), getattr(m, "config", None)
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None or getattr(m, "model", None) is None:
+            return None
+        if (m is student and head.weight.requires_grad) or any(getattr(cfg, a, None) not in (None, 1, 1.0)
+                                                               for a in scaling):
             return None
         heads.append(head.weight.detach().to(dtype))
     return tuple(heads)
