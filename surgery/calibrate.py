@@ -537,7 +537,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 labels = torch.cat([mine[:, 1:], torch.full_like(mine[:, :1], -100)], 1).reshape(-1)
                 loss, ce_t = losses.kd_from_hidden(s_out.last_hidden_state.reshape(-1, D),
                                                    t_out.last_hidden_state.reshape(-1, D), *heads_w, labels,
-                                                   cfg.temperature, chunk=128)
+                                                   cfg.temperature)
             else:
                 loss = losses.kd(s_out.logits, t_out.logits, cfg.temperature)
             if cfg.hidden:  # [1:]: the embeddings are never trained, so index 0 is the same on both sides

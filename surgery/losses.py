@@ -96,17 +96,18 @@ class _ChunkedVocabKD(torch.autograd.Function):
             t = Fn.linear(h_t[i:i + chunk].to(mm_dtype), wt).float()
             lab = labels[i:i + chunk]
             valid = lab >= 0
+            n_valid = int(valid.sum())
             raw = None
             if temperature != 1:  # the cross-entropy metric is of the raw logits
-                raw = torch.log_softmax(s, -1) if valid.any() else None
+                raw = torch.log_softmax(s, -1) if n_valid else None
                 s.div_(temperature)
                 t.div_(temperature)
             ls = torch.log_softmax(s, -1)
             lt = torch.log_softmax(t, -1)
-            if valid.any():
+            if n_valid:
                 raw = ls if raw is None else raw
                 ce_sum -= raw[valid].gather(1, lab[valid, None]).sum()
-                ce_n += int(valid.sum())
+                ce_n += n_valid
             pt = lt.exp()
             kd_sum += (pt * (lt - ls)).sum()
             g = ls.exp_().sub_(pt)  # softmax(s / tau) - softmax(t / tau), in place of ls
@@ -126,7 +127,8 @@ class _ChunkedVocabKD(torch.autograd.Function):
 
 
 def kd_from_hidden(h_s: torch.Tensor, h_t: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor,
-                   labels: torch.Tensor, temperature: float = 1.0, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                   labels: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(kd, ce) for final hidden states h_s (student, differentiable) and h_t (teacher) [N, D] and their frozen
     lm_head weights [V, D] (no bias, no logit scaling: a Llama-family head). kd is `kd` of the two models'
     logits; ce the student's cross-entropy against labels [N] (-100: ignored), a metric without gradient.
