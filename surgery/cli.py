@@ -526,6 +526,10 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
               help="Head experts: load-concentration loss weight over the head routers.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda  [default: cuda if available; bf16 autocast on GPU]")
+@click.option("--autocast", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="bfloat16: auto = where it is fast (GPU: autocast; CPU with AMX / AVX-512 BF16: a bf16 teacher and "
+                   "lm_head, the student float32; under torchrun the teacher stays float32), on = autocast for both "
+                   "models, off = float32 throughout.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written after every layer and every "
               "50 steps).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -533,7 +537,7 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @_friendly
 def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
                   train, lora_rank, lora_alpha, balance, concentration, prior_weight, head_train, head_steps,
-                  head_lr, head_balance, head_concentration, seed, device, resume, overwrite, json_path):
+                  head_lr, head_balance, head_concentration, seed, device, autocast, resume, overwrite, json_path):
     """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
 
     \b
@@ -556,9 +560,9 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
     heads = dict(head_train=head_train, head_balance=head_balance, head_concentration=head_concentration)
     lw = LayerwiseConfig(tokens=layerwise_tokens, ctx=ctx, expert_epochs=expert_epochs, prior_weight=prior_weight,
                          balance=balance, concentration=concentration, head_steps=head_steps, head_lr=head_lr,
-                         **heads) if layerwise_tokens > 0 else None
+                         autocast=autocast, **heads) if layerwise_tokens > 0 else None
     e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, lora_rank=lora_rank,
-                         lora_alpha=lora_alpha, balance=balance, concentration=concentration,
+                         lora_alpha=lora_alpha, balance=balance, concentration=concentration, autocast=autocast,
                          **heads) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
     result = run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite)

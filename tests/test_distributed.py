@@ -92,7 +92,7 @@ def test_torchrun_calibrate_matches_single_process(tmp_path, models, text_file, 
     dense, moe = models
     flags = ["--teacher", dense, "--data", text_file, "--tokens", "1024", "--layerwise-tokens", "128", "--ctx", "32",
              "--batch-size", "4", "--lr", "3e-3", "--seed", "3", "--device", "cpu", "--train", train,
-             "--lora-rank", "4"]
+             "--lora-rank", "4", "--autocast", "off"]  # float32 on both sides (auto differs on AMX CPUs)
     one = CliRunner().invoke(main, ["calibrate", str(moe), str(tmp_path / "one"), *map(str, flags)])
     assert one.exit_code == 0, one.output
     r = _torchrun("-m", "surgery", "calibrate", moe, tmp_path / "two", *flags)
@@ -142,7 +142,7 @@ def test_local_batches_tile_the_global_batch():
 
 def _e2e(**kw):
     return CalibrateConfig.from_dict({"layerwise": None, "seed": 5, "e2e": {
-        "tokens": 1536, "ctx": 32, "batch_size": 4, "lr": 3e-3, "checkpoint_every": 2, **kw}})
+        "tokens": 1536, "ctx": 32, "batch_size": 4, "lr": 3e-3, "checkpoint_every": 2, "autocast": "off", **kw}})
 
 
 @pytest.mark.slow
