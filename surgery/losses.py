@@ -97,17 +97,12 @@ class _ChunkedVocabKD(torch.autograd.Function):
             lab = labels[i:i + chunk]
             valid = lab >= 0
             n_valid = int(valid.sum())
-            raw = None
-            if temperature != 1:  # the cross-entropy metric is of the raw logits
-                raw = torch.log_softmax(s, -1) if n_valid else None
-                s.div_(temperature)
-                t.div_(temperature)
-            ls = torch.log_softmax(s, -1)
-            lt = torch.log_softmax(t, -1)
+            raw = torch.log_softmax(s, -1)  # the cross-entropy metric is of the raw logits
             if n_valid:
-                raw = ls if raw is None else raw
                 ce_sum -= raw[valid].gather(1, lab[valid, None]).sum()
                 ce_n += n_valid
+            ls = raw if temperature == 1 else torch.log_softmax(s.div_(temperature), -1)
+            lt = torch.log_softmax(t if temperature == 1 else t.div_(temperature), -1)
             pt = lt.exp()
             kd_sum += (pt * (lt - ls)).sum()
             g = ls.exp_().sub_(pt)  # softmax(s / tau) - softmax(t / tau), in place of ls
