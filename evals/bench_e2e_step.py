@@ -3,11 +3,12 @@ fused AdamW) on the demo model's conversion, for each precision setting and KD p
 same windows. Writes JSON with the machine.
 
     python -m surgery_evals.bench_e2e_step [--convert '{"experts": 10, "shared_experts": 6, "top_k": 2}'] \\
-        [--tokens 4096] [--settings off:logits,off,on,auto] [--repeats 2] [--json results/bench/e2e-step-cpu.json]
+        [--tokens 4096] [--settings off:logits,off,auto:student32,auto] [--repeats 2] [--json results/bench/e2e-step-cpu.json]
 
-A setting is `autocast[:logits]`: autocast is EndToEndConfig.autocast (off, on, auto: what each runs in bf16 is
-surgery.calibrate._E2EPrecision); `:logits` takes the whole-vocabulary logits path instead of the chunked KD
-from final hidden states (e2e.chunked_kd false). The first step of each run is a warm-up and is not timed.
+A setting is `autocast[:logits][:student32]`: autocast is EndToEndConfig.autocast (off, on, auto: what each runs
+in bf16 is surgery.calibrate._E2EPrecision); `:logits` takes the whole-vocabulary logits path instead of the
+chunked KD from final hidden states (e2e.chunked_kd false); `:student32` keeps the student in float32 (and its
+float32 MoE paths) whatever the setting gives it: round 10's `auto` on a CPU with AMX. The first step of each run is a warm-up and is not timed.
 The conversion is cached as the quick ablations' (runs/ablation-cache/).
 """
 
@@ -27,21 +28,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--convert", default='{"experts": 10, "shared_experts": 6, "top_k": 2}',
                     help="ConvertConfig fields as JSON (coactivation clustering and fitted routers unless given)")
     ap.add_argument("--tokens", type=int, default=4096, help="end-to-end tokens per timed run")
-    ap.add_argument("--settings", default="off:logits,off,on,auto")
+    ap.add_argument("--settings", default="off:logits,off,auto:student32,auto")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting, interleaved")
     ap.add_argument("--source", default="runs/smollm2")
     ap.add_argument("--json", dest="json_path", default="results/bench/e2e-step-cpu.json")
     a = ap.parse_args(argv)
     settings = a.settings.split(",")
     for s in settings:
-        ac, _, path = s.partition(":")
-        if ac not in ("off", "on", "auto") or path not in ("", "logits"):
-            ap.error(f"--settings: {s!r} is not autocast[:logits] with autocast off, on or auto")
+        ac, *flags = s.split(":")
+        if ac not in ("off", "on", "auto") or not set(flags) <= {"logits", "student32"}:
+            ap.error(f"--settings: {s!r} is not autocast[:logits][:student32] with autocast off, on or auto")
     try:
         spec = {"method": "coactivation", "router_init": "fitted", **json.loads(a.convert)}
     except json.JSONDecodeError as e:
         ap.error(f"--convert: not JSON ({e})")
 
+    import dataclasses
+
+    import surgery.calibrate as calibrate
     from surgery.calibrate import EndToEndConfig, _e2e_precision, fast_bf16, run_end_to_end
     from surgery.data import resolve_data, tokenize_file
     from surgery.modeling import load_model, load_tokenizer
@@ -54,23 +58,33 @@ def main(argv=None) -> dict:
     teacher = load_model(a.source)
     cpu = torch.device("cpu")
     runs = {s: [] for s in settings}
+
+    def plan(ac, student32):
+        p = _e2e_precision(ac, cpu)
+        return lambda *_: dataclasses.replace(p, student_autocast=False) if student32 else p
+
     for r in range(a.repeats):
         for s in settings:
-            ac, _, path = s.partition(":")
+            ac, *flags = s.split(":")
             student = converted_student(spec, source=a.source)
             set_training_impl(student)
             cfg = EndToEndConfig(tokens=a.tokens + 512, ctx=256, batch_size=2, lr=3e-4, train="all", autocast=ac,
-                                 chunked_kd=path != "logits")
+                                 chunked_kd="logits" not in flags)
             marks = []
-            res = run_end_to_end(student, teacher, ids, cfg, progress=False, on_step=lambda: marks.append(time.time()))
+            calibrate._e2e_precision = plan(ac, "student32" in flags)
+            try:
+                res = run_end_to_end(student, teacher, ids, cfg, progress=False,
+                                     on_step=lambda: marks.append(time.time()))
+            finally:
+                calibrate._e2e_precision = _e2e_precision
             timed = marks[-1] - marks[0]  # after the first (warm-up) step
             tok = (len(marks) - 1) * 512
             runs[s].append({"tokens_per_s": round(tok / timed, 1), "kd_last": res["history"][-1]["kd"]})
             print(s, runs[s][-1], flush=True)
     out = {"convert": spec, "tokens": a.tokens, "ctx": 256, "batch_size": 2, "threads": torch.get_num_threads(),
            "fast_bf16": fast_bf16(cpu),
-           "settings": {s: {"precision": {k: str(v) for k, v in vars(_e2e_precision(s.split(":")[0], cpu)).items()},
-                            "kd": "logits" if s.endswith(":logits") else "chunked",
+           "settings": {s: {"precision": {k: str(v) for k, v in vars(plan(s.split(":")[0], ":student32" in s)()).items()},
+                            "kd": "logits" if ":logits" in s else "chunked",
                             "tokens_per_s": [x["tokens_per_s"] for x in runs[s]],
                             "median_tokens_per_s": sorted(x["tokens_per_s"] for x in runs[s])[len(runs[s]) // 2]}
                         for s in settings},

@@ -88,7 +88,14 @@ def moe_ffn_sorted(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     are sorted by expert and gathered ONCE, each expert runs on its contiguous slice, and the weighted outputs
     go back in ONE scatter-add (moe_ffn gathers and scatters per expert, so its backward zero-fills a [T, D]
     gradient per expert). K/E of the masked path's FLOPs: the calibration path when experts are few and K small.
-    Differentiable in x, the weights and the routing weights; one host sync (the counts)."""
+    Differentiable in x, the weights and the routing weights; one host sync (the counts).
+    Under CPU autocast the routed experts run in float32 (the shared expert follows autocast): each expert's
+    token count changes every step, and oneDNN builds a bfloat16 matmul afresh for every new shape (~1 ms a
+    call for a [100, 576] x [576, 96] product on 2 Xeon cores, against ~0.1 ms in float32)."""
+    if x_TD.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            y = moe_ffn_sorted(x_TD.float(), gate_EFD.float(), up_EFD.float(), down_EDF.float(), weights_TK, ids_TK)
+        return y if shared is None else y + swiglu(x_TD, *shared)
     T, D = x_TD.shape
     order, token_of, counts = sort_pairs(ids_TK, gate_EFD.shape[0])
     xs = x_TD.index_select(0, token_of)

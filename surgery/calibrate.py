@@ -38,7 +38,7 @@ from surgery.atomic import atomic_file
 from surgery.compensate import refit_down
 from surgery.data import windows_of
 from surgery.errors import SurgeryError
-from surgery.moe import MoEBlock, moe_blocks, set_impl, set_training_impl
+from surgery.moe import MoEBlock, moe_blocks, set_impl, set_training_impl, training_impl
 from surgery.router import RoutingConfig, fit_router, oracle_scores
 
 
@@ -163,25 +163,28 @@ def _autocast_on(setting, device: torch.device) -> bool:
 
 @dataclass
 class _E2EPrecision:
-    """Where the end-to-end stage uses bfloat16. A GPU, or autocast "on": autocast for both models (and the
-    lm_head). A CPU where bf16 matmuls are fast (AMX / AVX-512 BF16), under "auto": the teacher as a bfloat16
-    copy (its forward 3x faster than float32 on 2 Sapphire-Rapids-class cores) and the lm_head matmuls of the
-    chunked KD in bfloat16 (2.6x), but the student in float32: its eager forward+backward under autocast ran
-    slower there (2.1 s against 1.67 s a step of 512 tokens, E10 K2), every small expert matmul paying casts
-    both ways. "off", or a CPU without fast bf16: float32 throughout."""
+    """Where calibration uses bfloat16. A GPU, or autocast "on": autocast for both models (and the lm_head) and
+    for layer-wise block training. A CPU where bf16 matmuls are fast (AMX / AVX-512 BF16), under "auto": the
+    teacher as a bfloat16 copy (its forward 3x faster than float32 on 2 Sapphire-Rapids-class cores), the
+    lm_head matmuls of the chunked KD in bfloat16 (2.6x), and the student under autocast with the MoE path
+    chosen for it (moe.training_impl(bf16=True): the masked path's large matmuls, or the sorted path with its
+    routed experts in float32; a student forward + backward of E10 K2 1.46 s against 2.07 s float32); its
+    weights and AdamW states stay float32. Layer-wise block training stays float32 there (4,096 tokens of
+    E10 K2: 92.7 s under autocast, 69.9 s float32). "off", or a CPU without fast bf16: float32 throughout."""
     student_autocast: bool
     teacher_autocast: bool
     teacher_dtype: torch.dtype | None  # run a copy of the teacher in this dtype (None: the teacher as given)
     head_dtype: torch.dtype
+    layerwise_autocast: bool
 
 
 def _e2e_precision(setting, device: torch.device) -> _E2EPrecision:
     on = _autocast_on(setting, device)
     if on and (setting in (True, "on") or device.type != "cpu"):
-        return _E2EPrecision(True, True, None, torch.bfloat16)
+        return _E2EPrecision(True, True, None, torch.bfloat16, True)
     if on:
-        return _E2EPrecision(False, False, torch.bfloat16, torch.bfloat16)
-    return _E2EPrecision(False, False, None, torch.float32)
+        return _E2EPrecision(True, False, torch.bfloat16, torch.bfloat16, False)
+    return _E2EPrecision(False, False, None, torch.float32, False)
 
 
 def _frozen_lm_heads(student, teacher, dtype: torch.dtype):
@@ -272,9 +275,8 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=cfg.expert_lr)
-        # decided once, as for the e2e student: autocast on GPUs and under "on"; float32 on CPUs (on a 2-core AMX
-        # Xeon, layer-wise 4,096 tokens of E10 K2: 92.7 s under autocast, 69.9 s float32, the same block error)
-        autocast = _e2e_precision(cfg.autocast, x.device).student_autocast
+        # autocast on GPUs and under "on"; float32 on CPUs (_E2EPrecision)
+        autocast = _e2e_precision(cfg.autocast, x.device).layerwise_autocast
         g = torch.Generator().manual_seed(seed)
         N = x.shape[0]
         steps = max(1, int(cfg.expert_epochs * N / cfg.batch_tokens))
@@ -511,6 +513,10 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     for m in heads:
         m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
     prec = _e2e_precision(cfg.autocast, device)
+    block_impls = [b.impl for b in blocks]
+    if device.type == "cpu" and all(i in ("masked", "sorted") for i in block_impls):
+        for b in blocks:  # calibrate() chose the float32 training paths: re-choose for this stage's precision
+            b.impl = training_impl(b, bf16=prec.student_autocast)
     # the chunked KD from final hidden states (single process): never [T, V] logits under autograd
     heads_w = _frozen_lm_heads(student, teacher, prec.head_dtype) if dist is None and cfg.chunked_kd else None
     t_model = copy.deepcopy(teacher).to(prec.teacher_dtype) if prec.teacher_dtype is not None and dist is None \
@@ -596,8 +602,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
 
                     save_dcp(ckpt, state, student, opt, cfg.train == "all", dist)
     finally:
-        for b, r in zip(blocks, base_routing):
-            b.routing, b.unit_mix = r, 0.0
+        for b, r, impl in zip(blocks, base_routing, block_impls):
+            b.routing, b.unit_mix, b.impl = r, 0.0, impl
         for m, impl in zip(heads, head_impls):
             m.impl = impl
         head_cal.clear_logits(heads)

@@ -55,6 +55,28 @@ def test_training_paths_equal_grouped_reference(path, K, score_func, shared):
     assert (grads[1][4] - grads[0][4]).abs().max() <= 1e-4 * max(1.0, grads[0][4].abs().max().item())
 
 
+def test_sorted_path_keeps_routed_experts_float32_under_cpu_autocast():
+    """Under CPU bf16 autocast the sorted path's routed experts run in float32 (their matmul shapes change every
+    step): without a shared expert the output and gradients equal the float32 run's; the shared expert follows
+    autocast (bf16 tolerance)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 16, generator=g)
+    w, ids = reference.route(torch.randn(40, 6, generator=g), 2, "softmax", True, 2.0)
+    sh = tuple(torch.randn(*s, generator=g) * 0.3 for s in ((7, 16), (7, 16), (16, 7)))
+    for shared, tol in ((None, 1e-6), (sh, 2e-2)):
+        res = []
+        for ac in (False, True):
+            ws = [t.clone().requires_grad_() for t in (*_experts(), x)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+                y = reference.moe_ffn_sorted(ws[3], *ws[:3], w, ids, shared)
+            res.append((y, torch.autograd.grad(y.float().pow(2).sum(), ws)))
+        if shared is None:
+            assert res[1][0].dtype == torch.float32
+        assert relative_error(res[1][0].float(), res[0][0]) < tol
+        for a, b in zip(res[1][1], res[0][1]):
+            assert relative_error(a, b) < tol
+
+
 def test_transition_schedule_starts_at_k_start_and_ends_at_top_k():
     base = RoutingConfig(top_k=2, scale=2.0)
     cfg = EndToEndConfig(k_start=8, transition=0.5)
@@ -109,11 +131,14 @@ def test_e2e_precision_plan():
     on = _e2e_precision("on", cpu)  # "on" is autocast for both models, as before
     assert on.student_autocast and on.teacher_autocast and on.head_dtype == torch.bfloat16
     auto = _e2e_precision("auto", cpu)
-    if fast_bf16(cpu):  # a bf16 teacher copy and lm_head, the student in float32
-        assert (auto.student_autocast, auto.teacher_dtype, auto.head_dtype) == (False, torch.bfloat16, torch.bfloat16)
+    if fast_bf16(cpu):  # a bf16 teacher copy and lm_head, the student under autocast, layer-wise float32
+        assert (auto.student_autocast, auto.teacher_autocast, auto.teacher_dtype, auto.head_dtype,
+                auto.layerwise_autocast) == (True, False, torch.bfloat16, torch.bfloat16, False)
     else:
         assert auto == off
-    assert _e2e_precision("auto", torch.device("cuda")).student_autocast
+    assert not off.layerwise_autocast and on.layerwise_autocast
+    gpu = _e2e_precision("auto", torch.device("cuda"))
+    assert gpu.student_autocast and gpu.layerwise_autocast
 
 
 def test_e2e_chunked_kd_trains_like_the_logits_path(tiny, monkeypatch):
@@ -325,6 +350,15 @@ def test_training_path_follows_the_block_shape(E, F, K, expected):
     assert training_impl(block) == expected
 
 
+@pytest.mark.parametrize("E,F,K,expected", [(10, 96, 2, "masked"), (13, 96, 1, "sorted"), (16, 96, 2, "sorted"),
+                                             (48, 32, 16, "masked")])
+def test_bf16_training_path_prefers_masked_until_e_is_8k(E, F, K, expected):
+    """Under bf16 autocast the masked path's large matmuls are ~4x faster, the sorted path's experts are not."""
+    from surgery.moe import MoEBlock, training_impl
+
+    assert training_impl(MoEBlock(32, E, F, 0, RoutingConfig(top_k=K)), bf16=True) == expected
+
+
 def test_calibration_trains_wide_experts_on_the_sorted_path(tiny, tmp_path):
     """A block of 4 experts x 64 neurons with top-1 trains through the sorted path, then goes back to auto."""
     from surgery.calibrate import CalibrateConfig, calibrate
@@ -341,10 +375,41 @@ def test_calibration_trains_wide_experts_on_the_sorted_path(tiny, tmp_path):
 
     reference.moe_ffn_sorted = spy
     try:
-        cfg = CalibrateConfig(layerwise=None, e2e=EndToEndConfig(tokens=64, ctx=16, batch_size=2, lr=1e-3, train="moe"))
+        # autocast off: on a CPU with AMX, "auto" trains the student in bf16, where E4 K1 takes the masked path
+        cfg = CalibrateConfig(layerwise=None, e2e=EndToEndConfig(tokens=64, ctx=16, batch_size=2, lr=1e-3, train="moe",
+                                                                 autocast="off"))
         r = calibrate(student, teacher, None, cfg, ids=torch.randint(0, 128, (256,)), progress=False)
     finally:
         reference.moe_ffn_sorted = orig
     assert seen and any(seen), "the e2e stage did not train through the sorted path"
     assert all(b.impl == "auto" for b in moe_blocks(student))
     assert r["e2e"]["history"][-1]["kd"] > 0
+
+
+def test_e2e_stage_picks_the_bf16_training_path_under_autocast_and_restores(tmp_path):
+    """Under autocast on a CPU the e2e stage re-chooses each block's path for bf16 (E4 K1 of 64 wide: masked,
+    not the float32 choice, sorted), runs it under autocast, and gives the blocks their paths back."""
+    from surgery.calibrate import run_end_to_end
+    from surgery.moe import set_training_impl
+
+    big = make_llama(tmp_path / "wide", ffn=256, layers=2)
+    teacher = surgery.load(big)
+    student = convert_model(surgery.load(big), ConvertConfig(experts=4, top_k=1, seed=1))
+    set_training_impl(student)
+    assert all(b.impl == "sorted" for b in moe_blocks(student))
+    seen = []
+    orig = reference.moe_ffn_masked
+
+    def spy(*a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return orig(*a, **k)
+
+    reference.moe_ffn_masked = spy
+    try:
+        cfg = EndToEndConfig(tokens=64, ctx=16, batch_size=2, lr=1e-3, train="moe", autocast="on")
+        r = run_end_to_end(student, teacher, torch.randint(0, 128, (256,)), cfg, progress=False)
+    finally:
+        reference.moe_ffn_masked = orig
+    assert seen and all(seen)
+    assert all(b.impl == "sorted" for b in moe_blocks(student))
+    assert math.isfinite(r["history"][-1]["kd"])

@@ -29,8 +29,9 @@ def qnorm_logits(q_TRd: torch.Tensor) -> torch.Tensor:
 
 
 def learned_logits(x_TD: torch.Tensor, weight_RD: torch.Tensor, bias_R: torch.Tensor | None) -> torch.Tensor:
-    """The learned router's scores in float32 [T, R]."""
-    return Fn.linear(x_TD.float(), weight_RD.float(), None if bias_R is None else bias_R.float())
+    """The learned router's scores in float32 [T, R], autocast or not."""
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return Fn.linear(x_TD.float(), weight_RD.float(), None if bias_R is None else bias_R.float())
 
 
 def head_routing(top_k: int, scale: float) -> RoutingConfig:
