@@ -3,13 +3,14 @@ fused AdamW) on the demo model's conversion, for each precision setting and KD p
 same windows. Writes JSON with the machine.
 
     python -m surgery_evals.bench_e2e_step [--convert '{"experts": 10, "shared_experts": 6, "top_k": 2}'] \\
-        [--tokens 4096] [--settings off:logits,off,auto:student32,auto] [--repeats 2] [--json results/bench/e2e-step-cpu.json]
+        [--tokens 4096] [--settings off:logits,off,auto:student32,auto] [--repeats 2] \\
+        [--json results/bench/e2e-step-cpu.json]
 
 A setting is `autocast[:logits][:student32]`: autocast is EndToEndConfig.autocast (off, on, auto: what each runs
-in bf16 is surgery.calibrate._E2EPrecision); `:logits` takes the whole-vocabulary logits path instead of the
+in bf16 is surgery.precision.Precision); `:logits` takes the whole-vocabulary logits path instead of the
 chunked KD from final hidden states (e2e.chunked_kd false); `:student32` keeps the student in float32 (and its
-float32 MoE paths) whatever the setting gives it: round 10's `auto` on a CPU with AMX. The first step of each run is a warm-up and is not timed.
-The conversion is cached as the quick ablations' (runs/ablation-cache/).
+float32 MoE paths) whatever the setting gives it: round 10's `auto` on a CPU with AMX. The first step of each
+run is a warm-up and is not timed. The conversion is cached as the quick ablations' (runs/ablation-cache/).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def main(argv=None) -> dict:
     import dataclasses
 
     import surgery.calibrate as calibrate
-    from surgery.calibrate import EndToEndConfig, _e2e_precision, fast_bf16, run_end_to_end
+    from surgery.calibrate import EndToEndConfig, run_end_to_end
+    from surgery.precision import fast_bf16, precision_plan
     from surgery.data import resolve_data, tokenize_file
     from surgery.modeling import load_model, load_tokenizer
     from surgery.moe import set_training_impl
@@ -60,7 +62,7 @@ def main(argv=None) -> dict:
     runs = {s: [] for s in settings}
 
     def plan(ac, student32):
-        p = _e2e_precision(ac, cpu)
+        p = precision_plan(ac, cpu)
         return lambda *_: dataclasses.replace(p, student_autocast=False) if student32 else p
 
     for r in range(a.repeats):
@@ -71,19 +73,20 @@ def main(argv=None) -> dict:
             cfg = EndToEndConfig(tokens=a.tokens + 512, ctx=256, batch_size=2, lr=3e-4, train="all", autocast=ac,
                                  chunked_kd="logits" not in flags)
             marks = []
-            calibrate._e2e_precision = plan(ac, "student32" in flags)
+            calibrate.precision_plan = plan(ac, "student32" in flags)
             try:
                 res = run_end_to_end(student, teacher, ids, cfg, progress=False,
                                      on_step=lambda: marks.append(time.time()))
             finally:
-                calibrate._e2e_precision = _e2e_precision
+                calibrate.precision_plan = precision_plan
             timed = marks[-1] - marks[0]  # after the first (warm-up) step
             tok = (len(marks) - 1) * 512
             runs[s].append({"tokens_per_s": round(tok / timed, 1), "kd_last": res["history"][-1]["kd"]})
             print(s, runs[s][-1], flush=True)
     out = {"convert": spec, "tokens": a.tokens, "ctx": 256, "batch_size": 2, "threads": torch.get_num_threads(),
            "fast_bf16": fast_bf16(cpu),
-           "settings": {s: {"precision": {k: str(v) for k, v in vars(plan(s.split(":")[0], ":student32" in s)()).items()},
+           "settings": {s: {"precision": {k: str(v) for k, v in
+                                          vars(plan(s.split(":")[0], ":student32" in s)()).items()},
                             "kd": "logits" if ":logits" in s else "chunked",
                             "tokens_per_s": [x["tokens_per_s"] for x in runs[s]],
                             "median_tokens_per_s": sorted(x["tokens_per_s"] for x in runs[s])[len(runs[s]) // 2]}

@@ -21,7 +21,6 @@ Budgets are in tokens; bars show the loss and a running perplexity; checkpoints 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import time
@@ -39,6 +38,7 @@ from surgery.compensate import refit_down
 from surgery.data import windows_of
 from surgery.errors import SurgeryError
 from surgery.moe import MoEBlock, moe_blocks, set_impl, set_training_impl, training_impl
+from surgery.precision import precision_plan
 from surgery.router import RoutingConfig, fit_router, oracle_scores
 
 
@@ -56,7 +56,7 @@ class LayerwiseConfig:
     balance: float = 0.0
     concentration: float = 0.0
     router_tokens: int = 8192  # router fitting caches [N, E, D] expert outputs: cap N (fine-grained E is large)
-    autocast: str = "auto"  # bfloat16 autocast: "auto" (GPUs; CPUs stay float32, see _E2EPrecision), "on", "off"
+    autocast: str = "auto"  # bfloat16 autocast: "auto" (GPUs; CPUs stay float32: precision.Precision), "on", "off"
     # Closed-form refit of the down-projections under the routing (surgery/compensate.py), after the router
     # fit and again after expert training; refit_damp is its ridge towards the current weights.
     refit_down: bool = False
@@ -93,7 +93,7 @@ class EndToEndConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # steps
-    autocast: str = "auto"  # bfloat16: "auto" (where it is fast; what runs in it: _E2EPrecision), "on", "off"
+    autocast: str = "auto"  # bfloat16: "auto" (where it is fast; what runs in it: precision.Precision), "on", "off"
     # KD from the final hidden states in row chunks (losses.kd_from_hidden) where the models allow it; False:
     # the whole-vocabulary logits path (the same loss, slower; kept for comparison and for torchrun)
     chunked_kd: bool = True
@@ -132,59 +132,6 @@ class CalibrateConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@functools.cache
-def _cpu_flags() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls beat float32 here: on GPUs, and on CPUs with AMX or AVX-512 BF16 (~2x). On a
-    CPU without them (AMD EPYC without AVX-512, say) oneDNN emulates bf16 and a matmul runs ~8x slower."""
-    if device.type == "cuda":
-        return True
-    flags = _cpu_flags()
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def _autocast_on(setting, device: torch.device) -> bool:
-    if setting in (True, "on"):
-        return True
-    if setting in (False, "off", None):
-        return False
-    if setting == "auto":
-        return fast_bf16(device)
-    raise SurgeryError(f"autocast {setting!r}: choose auto, on or off")
-
-
-@dataclass
-class _E2EPrecision:
-    """Where calibration uses bfloat16. A GPU, or autocast "on": autocast for both models (and the lm_head) and
-    for layer-wise block training. A CPU where bf16 matmuls are fast (AMX / AVX-512 BF16), under "auto": the
-    teacher as a bfloat16 copy (its forward 3x faster than float32 on 2 Sapphire-Rapids-class cores), the
-    lm_head matmuls of the chunked KD in bfloat16 (2.6x), and the student under autocast with the MoE path
-    chosen for it (moe.training_impl(bf16=True): the masked path's large matmuls, or the sorted path with its
-    routed experts in float32; a student forward + backward of E10 K2 1.46 s against 2.07 s float32); its
-    weights and AdamW states stay float32. Layer-wise block training stays float32 there (4,096 tokens of
-    E10 K2: 92.7 s under autocast, 69.9 s float32). "off", or a CPU without fast bf16: float32 throughout."""
-    student_autocast: bool
-    teacher_autocast: bool
-    teacher_dtype: torch.dtype | None  # run a copy of the teacher in this dtype (None: the teacher as given)
-    head_dtype: torch.dtype
-    layerwise_autocast: bool
-
-
-def _e2e_precision(setting, device: torch.device) -> _E2EPrecision:
-    on = _autocast_on(setting, device)
-    if on and (setting in (True, "on") or device.type != "cpu"):
-        return _E2EPrecision(True, True, None, torch.bfloat16, True)
-    if on:
-        return _E2EPrecision(True, False, torch.bfloat16, torch.bfloat16, False)
-    return _E2EPrecision(False, False, None, torch.float32, False)
 
 
 def _frozen_lm_heads(student, teacher, dtype: torch.dtype):
@@ -275,8 +222,8 @@ def calibrate_block(block: MoEBlock, x_ND: torch.Tensor, target_ND: torch.Tensor
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=cfg.expert_lr)
-        # autocast on GPUs and under "on"; float32 on CPUs (_E2EPrecision)
-        autocast = _e2e_precision(cfg.autocast, x.device).layerwise_autocast
+        # autocast on GPUs and under "on"; float32 on CPUs (precision.Precision)
+        autocast = precision_plan(cfg.autocast, x.device).layerwise_autocast
         g = torch.Generator().manual_seed(seed)
         N = x.shape[0]
         steps = max(1, int(cfg.expert_epochs * N / cfg.batch_tokens))
@@ -512,7 +459,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     head_impls = [m.impl for m in heads]
     for m in heads:
         m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
-    prec = _e2e_precision(cfg.autocast, device)
+    prec = precision_plan(cfg.autocast, device)
     block_impls = [b.impl for b in blocks]
     if device.type == "cpu" and all(i in ("masked", "sorted") for i in block_impls):
         for b in blocks:  # calibrate() chose the float32 training paths: re-choose for this stage's precision

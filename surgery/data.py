@@ -183,12 +183,12 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
     Nucleus sampling among the `candidates` most likely tokens (a top-k of the logits instead of sorting the
     whole vocabulary at every step); batches shrink to what is still needed, so no sequence is wasted.
     bf16: sample from a bfloat16 copy of a float32 model on a CPU (None: where bf16 matmuls are fast,
-    calibrate.fast_bf16; the draws then differ from float32's where the rounding moves a probability)."""
+    precision.fast_bf16; the draws then differ from float32's where the rounding moves a probability)."""
     import copy
 
     from tqdm import tqdm
 
-    from surgery.calibrate import fast_bf16
+    from surgery.precision import fast_bf16
     from surgery.kvcache import returned_cache, with_cache
 
     device = next(model.parameters()).device

@@ -8,11 +8,11 @@ import torch
 
 import surgery
 from surgery import calibrate as calibrate_mod
-from surgery.calibrate import (EndToEndConfig, _autocast_on, _e2e_precision, _epoch_order, _routing_at, fast_bf16,
-                               run_end_to_end)
+from surgery.calibrate import EndToEndConfig, _epoch_order, _routing_at, run_end_to_end
 from surgery.convert import ConvertConfig, convert_model
 from surgery.errors import SurgeryError
 from surgery.moe import moe_blocks, set_impl
+from surgery.precision import autocast_on, fast_bf16, precision_plan
 from surgery.router import RoutingConfig
 from surgery_evals.baselines import apply_baseline, static_keep
 from surgery_kernels import reference
@@ -111,11 +111,11 @@ def test_epoch_order_repeats_the_data_evenly():
 
 
 def test_autocast_setting():
-    assert _autocast_on("off", torch.device("cpu")) is False
-    assert _autocast_on("on", torch.device("cpu")) is True
-    assert _autocast_on("auto", torch.device("cpu")) == fast_bf16(torch.device("cpu"))
+    assert autocast_on("off", torch.device("cpu")) is False
+    assert autocast_on("on", torch.device("cpu")) is True
+    assert autocast_on("auto", torch.device("cpu")) == fast_bf16(torch.device("cpu"))
     with pytest.raises(SurgeryError, match="autocast"):
-        _autocast_on("maybe", torch.device("cpu"))
+        autocast_on("maybe", torch.device("cpu"))
 
 
 @pytest.fixture
@@ -125,19 +125,19 @@ def tiny(tmp_path):
 
 def test_e2e_precision_plan():
     cpu = torch.device("cpu")
-    off = _e2e_precision("off", cpu)
+    off = precision_plan("off", cpu)
     assert (off.student_autocast, off.teacher_autocast, off.teacher_dtype, off.head_dtype) == \
         (False, False, None, torch.float32)
-    on = _e2e_precision("on", cpu)  # "on" is autocast for both models, as before
+    on = precision_plan("on", cpu)  # "on" is autocast for both models, as before
     assert on.student_autocast and on.teacher_autocast and on.head_dtype == torch.bfloat16
-    auto = _e2e_precision("auto", cpu)
+    auto = precision_plan("auto", cpu)
     if fast_bf16(cpu):  # a bf16 teacher copy and lm_head, the student under autocast, layer-wise float32
         assert (auto.student_autocast, auto.teacher_autocast, auto.teacher_dtype, auto.head_dtype,
                 auto.layerwise_autocast) == (True, False, torch.bfloat16, torch.bfloat16, False)
     else:
         assert auto == off
     assert not off.layerwise_autocast and on.layerwise_autocast
-    gpu = _e2e_precision("auto", torch.device("cuda"))
+    gpu = precision_plan("auto", torch.device("cuda"))
     assert gpu.student_autocast and gpu.layerwise_autocast
 
 
