@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+from surgery.precision import full_precision
 from surgery.router import RoutingConfig
 
 
 def _float32_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     """Router logits in float32, autocast or not: which experts run is decided at full precision."""
-    with torch.autocast(x_TD.device.type, enabled=False):
+    with full_precision(x_TD):
         return Fn.linear(x_TD.float(), w_ED.float())
 
 

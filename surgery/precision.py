@@ -6,6 +6,7 @@ emulate it; what pays off under bf16 then differs by model part (Precision says 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,3 +67,12 @@ def precision_plan(setting, device: torch.device) -> Precision:
     if on:
         return Precision(True, False, torch.bfloat16, torch.bfloat16, False)
     return Precision(False, False, None, torch.float32, False)
+
+
+def full_precision(t: torch.Tensor):
+    """A context where autocast is off for t's device, if it was on (routing is decided in float32); a no-op
+    elsewhere (on meta tensors torch.autocast itself raises)."""
+    kind = t.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()

@@ -413,3 +413,21 @@ def test_e2e_stage_picks_the_bf16_training_path_under_autocast_and_restores(tmp_
     assert seen and all(seen)
     assert all(b.impl == "sorted" for b in moe_blocks(student))
     assert math.isfinite(r["history"][-1]["kd"])
+
+
+def test_router_logits_stay_float32_under_autocast_and_work_on_meta():
+    """Which experts (and heads) run is decided in float32 even under bf16 autocast; on meta tensors (shape-only
+    passes) the guard is a no-op instead of torch.autocast's error."""
+    from surgery.attention.router import learned_logits
+    from surgery.moe import MoEBlock
+
+    block = MoEBlock(16, 4, 8, 0, RoutingConfig(top_k=1))
+    torch.nn.init.normal_(block.router.weight)
+    x = torch.randn(5, 16)
+    want = x @ block.router.weight.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, heads = block.router_logits(x), learned_logits(x, block.router.weight, None)
+    assert got.dtype == heads.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(heads, want, atol=1e-5)
+    meta = torch.empty(5, 16, device="meta")
+    assert block.router_logits(meta).shape == (5, 4)

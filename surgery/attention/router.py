@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as Fn
 
+from surgery.precision import full_precision
 from surgery.router import RoutingConfig, route_weights
 
 EPS = 1e-6
@@ -30,7 +31,7 @@ def qnorm_logits(q_TRd: torch.Tensor) -> torch.Tensor:
 
 def learned_logits(x_TD: torch.Tensor, weight_RD: torch.Tensor, bias_R: torch.Tensor | None) -> torch.Tensor:
     """The learned router's scores in float32 [T, R], autocast or not."""
-    with torch.autocast(x_TD.device.type, enabled=False):
+    with full_precision(x_TD):
         return Fn.linear(x_TD.float(), weight_RD.float(), None if bias_R is None else bias_R.float())
 
 
