@@ -460,6 +460,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     for m in heads:
         m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
     prec = precision_plan(cfg.autocast, device)
+    if dist is not None and device.type == "cpu" and not prec.teacher_autocast:
+        prec = replace(prec, student_autocast=False)  # CPU torchrun ("auto"): float32 as before, untested in bf16
     block_impls = [b.impl for b in blocks]
     if device.type == "cpu" and all(i in ("masked", "sorted") for i in block_impls):
         for b in blocks:  # calibrate() chose the float32 training paths: re-choose for this stage's precision

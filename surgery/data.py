@@ -188,8 +188,8 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
 
     from tqdm import tqdm
 
-    from surgery.precision import fast_bf16
     from surgery.kvcache import returned_cache, with_cache
+    from surgery.precision import fast_bf16
 
     device = next(model.parameters()).device
     if bf16 is None:
