@@ -48,10 +48,10 @@ def main(argv=None) -> dict:
 
     import surgery.calibrate as calibrate
     from surgery.calibrate import EndToEndConfig, run_end_to_end
-    from surgery.precision import fast_bf16, precision_plan
     from surgery.data import resolve_data, tokenize_file
     from surgery.modeling import load_model, load_tokenizer
     from surgery.moe import set_training_impl
+    from surgery.precision import fast_bf16, precision_plan
     from surgery_evals.quick_ablation import converted_student
     from surgery_evals.report import machine
 
