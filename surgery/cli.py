@@ -528,8 +528,8 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--device", default=None, help="cpu, cuda  [default: cuda if available; bf16 autocast on GPU]")
 @click.option("--autocast", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="bfloat16: auto = where it is fast (GPU: autocast; CPU with AMX / AVX-512 BF16: a bf16 teacher and "
-                   "lm_head, the student float32; under torchrun the teacher stays float32), on = autocast for both "
-                   "models, off = float32 throughout.")
+                   "lm_head, the student under autocast, layer-wise blocks float32; under torchrun on CPU float32), "
+                   "on = autocast for both models, off = float32 throughout.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written after every layer and every "
               "50 steps).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
