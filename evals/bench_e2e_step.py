@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
 
     def plan(ac, student32):
         p = precision_plan(ac, cpu)
-        return lambda *_: dataclasses.replace(p, student_autocast=False) if student32 else p
+        return lambda *_, **__: dataclasses.replace(p, student_autocast=False) if student32 else p
 
     for r in range(a.repeats):
         for s in settings:

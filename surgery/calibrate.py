@@ -459,17 +459,14 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     head_impls = [m.impl for m in heads]
     for m in heads:
         m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
-    prec = precision_plan(cfg.autocast, device)
-    if dist is not None and device.type == "cpu" and not prec.teacher_autocast:
-        prec = replace(prec, student_autocast=False)  # CPU torchrun ("auto"): float32 as before, untested in bf16
+    prec = precision_plan(cfg.autocast, device, sharded=dist is not None)
     block_impls = [b.impl for b in blocks]
     if device.type == "cpu" and all(i in ("masked", "sorted") for i in block_impls):
         for b in blocks:  # calibrate() chose the float32 training paths: re-choose for this stage's precision
             b.impl = training_impl(b, bf16=prec.student_autocast)
     # the chunked KD from final hidden states (single process): never [T, V] logits under autograd
     heads_w = _frozen_lm_heads(student, teacher, prec.head_dtype) if dist is None and cfg.chunked_kd else None
-    t_model = copy.deepcopy(teacher).to(prec.teacher_dtype) if prec.teacher_dtype is not None and dist is None \
-        else teacher
+    t_model = copy.deepcopy(teacher).to(prec.teacher_dtype) if prec.teacher_dtype is not None else teacher
     snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
     student.train(False)  # no dropout in Llama; keep eval semantics
     ema_ce, ema_kd = None, None

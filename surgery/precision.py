@@ -60,11 +60,13 @@ class Precision:
     layerwise_autocast: bool
 
 
-def precision_plan(setting, device: torch.device) -> Precision:
+def precision_plan(setting, device: torch.device, sharded: bool = False) -> Precision:
+    """`sharded`: the models are FSDP2-sharded under torchrun, where a CPU under "auto" stays float32 (no bf16
+    teacher copy is made of sharded weights, and the student's bf16 path is untested there)."""
     on = autocast_on(setting, device)
     if on and (setting in (True, "on") or device.type != "cpu"):
         return Precision(True, True, None, torch.bfloat16, True)
-    if on:
+    if on and not sharded:
         return Precision(True, False, torch.bfloat16, torch.bfloat16, False)
     return Precision(False, False, None, torch.float32, False)
 

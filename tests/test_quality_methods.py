@@ -137,6 +137,8 @@ def test_e2e_precision_plan():
     else:
         assert auto == off
     assert not off.layerwise_autocast and on.layerwise_autocast
+    assert precision_plan("auto", cpu, sharded=True) == off  # CPU torchrun: float32 under auto
+    assert precision_plan("on", cpu, sharded=True) == on
     gpu = precision_plan("auto", torch.device("cuda"))
     assert gpu.student_autocast and gpu.layerwise_autocast
 
