@@ -49,6 +49,9 @@ SORTED_MIN_SKIPPED = float(os.environ.get("SURGERY_CPU_SORTED_MIN_SKIPPED", "48"
 # algorithm: per-expert gate/up AND down, outputs added back) does less work than "sorted"'s dense down
 # projection; measured end to end on 8 x 512 prefill of the 50% demo model (1.30x dense vs 0.91x).
 GROUPED_MIN_PAIRS = float(os.environ.get("SURGERY_CPU_GROUPED_MIN_PAIRS", "256"))
+# One token with at most this many experts: "gather" reads the experts' rows in place, one small product pair
+# per expert, instead of gathering them into one copy first (the loop's per-call cost grows with K).
+ONE_TOKEN_MAX_K = int(os.environ.get("SURGERY_CPU_ONE_TOKEN_MAX_K", "4"))
 
 
 @dataclass
@@ -195,6 +198,8 @@ def _masked(x_TD, p: Packed, weights_TK, ids_TK):
 def _gather(x_TD, p: Packed, weights_TK, ids_TK):
     T, D = x_TD.shape
     E, F, S = p.num_experts, p.width, p.shared_width
+    if T == 1 and ids_TK.shape[1] <= ONE_TOKEN_MAX_K:
+        return _one_token(x_TD, p, weights_TK, ids_TK)
     if T == 1:  # one token (batch-1 decode): its K experts are distinct, in any order
         experts_U, w_TU = ids_TK[0], weights_TK.to(x_TD.dtype)
     else:
@@ -213,6 +218,20 @@ def _gather(x_TD, p: Packed, weights_TK, ids_TK):
     y = h.view(T, U * F) @ down_U
     if p.shared_gate_up is not None:
         y.addmm_(_swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)), p.down_all[:S])
+    return y
+
+
+def _one_token(x_TD, p: Packed, weights_TK, ids_TK):
+    """One token, few experts: each selected expert's rows read where they are packed (views), no gathered
+    copy. At one token the products are matrix-vector and read each weight once, so a gathered copy (read,
+    write, read again) costs about as much as the products it feeds."""
+    S, F = p.shared_width, p.width
+    w = weights_TK.to(x_TD.dtype)
+    y = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.down_all[:S] if S else None
+    for k, e in enumerate(ids_TK[0].tolist()):
+        h = _swiglu_halves(Fn.linear(x_TD, p.gate_up[e])).mul_(w[:, k:k + 1])
+        down = p.down_all[S + e * F:S + (e + 1) * F]
+        y = h @ down if y is None else y.addmm_(h, down)
     return y
 
 

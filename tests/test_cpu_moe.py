@@ -49,6 +49,8 @@ CASES = [
     (300, 8, 20, 64, 0, 2, [20, 19, 20, 13, 20, 20, 7, 20]),  # unequal widths, zero-padded; no shared expert
     (37, 9, 16, 48, 40, 3, [16, 16, 15, 15, 16, 16, 15, 16, 15]),
     (5, 4, 8, 32, 0, 4, None),              # K == E: every expert on
+    (1, 10, 24, 96, 64, 2, None),           # one token, few experts (the 50% recipe's E10 K2): rows in place
+    (1, 13, 24, 96, 0, 1, [24] * 12 + [9]),  # the same without a shared expert, top-1, unequal widths
 ]
 
 
