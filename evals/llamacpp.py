@@ -80,33 +80,59 @@ def _decode(lib, ctx, tokens: list[int]) -> None:
         raise RuntimeError(f"llama_decode returned {rc}")
 
 
-def throughput(path, prompt: int = 512, decode: int = 128, threads: int = 2, repeats: int = 5,
-               warmup: int = 1, seed: int = 0) -> dict:
-    """llama-bench's two figures on one model: tokens/s processing `prompt` random tokens in one batch, and
-    tokens/s generating `decode` tokens one at a time after it (batch 1, KV cache growing). Wall-clock around
-    llama_decode, median of `repeats` runs after `warmup`; the KV cache is cleared between runs."""
-    llm = load(path, n_ctx=prompt + decode + 8, threads=threads, logits_all=False, n_batch=prompt)
-    lib = llama_cpp_module().llama_cpp
-    ctx = llm.ctx
-    mem = lib.llama_get_memory(ctx)
-    rng = random.Random(seed)
-    vocab = llm.n_vocab()
-    toks = [rng.randrange(vocab) for _ in range(prompt + decode)]
-    pp, tg = [], []
-    for r in range(warmup + repeats):
-        lib.llama_memory_clear(mem, True)
+class _Runner:
+    """One GGUF loaded for llama-bench's two figures: run() processes `prompt` random tokens in one batch, then
+    generates `decode` tokens one at a time after it (batch 1, KV cache growing), and returns the two tokens/s
+    (wall-clock around llama_decode); the KV cache is cleared before each run."""
+
+    def __init__(self, path, prompt: int, decode: int, threads: int, seed: int = 0):
+        self.llm = load(path, n_ctx=prompt + decode + 8, threads=threads, logits_all=False, n_batch=prompt)
+        self.lib = llama_cpp_module().llama_cpp
+        self.mem = self.lib.llama_get_memory(self.llm.ctx)
+        rng = random.Random(seed)
+        vocab = self.llm.n_vocab()
+        self.toks = [rng.randrange(vocab) for _ in range(prompt + decode)]
+        self.prompt, self.decode = prompt, decode
+
+    def run(self) -> tuple[float, float]:
+        lib, ctx = self.lib, self.llm.ctx
+        lib.llama_memory_clear(self.mem, True)
         t0 = time.perf_counter()
-        _decode(lib, ctx, toks[:prompt])
+        _decode(lib, ctx, self.toks[:self.prompt])
         t1 = time.perf_counter()
-        for i in range(decode):
-            _decode(lib, ctx, [toks[prompt + i]])
+        for i in range(self.decode):
+            _decode(lib, ctx, [self.toks[self.prompt + i]])
         t2 = time.perf_counter()
-        if r >= warmup:
-            pp.append(prompt / (t1 - t0))
-            tg.append(decode / (t2 - t1))
-    del llm
+        return self.prompt / (t1 - t0), self.decode / (t2 - t1)
+
+
+def _summary(runs: list[tuple[float, float]], prompt: int, decode: int) -> dict:
+    pp, tg = [r[0] for r in runs], [r[1] for r in runs]
     return {"pp": {"tokens": prompt, "tokens_per_s": statistics.median(pp), "runs": [round(x, 2) for x in pp]},
             "tg": {"tokens": decode, "tokens_per_s": statistics.median(tg), "runs": [round(x, 2) for x in tg]}}
+
+
+def throughput_interleaved(paths: list, prompt: int = 512, decode: int = 128, threads: int = 2, repeats: int = 5,
+                           warmup: int = 1, seed: int = 0) -> list[dict]:
+    """throughput() of several GGUFs loaded together and measured in turn: `warmup` untimed runs of each, then
+    `repeats` rounds in which each runs once, so that a shared machine's drifting speed lands on every model
+    alike (it moves by 10-20% within minutes here). Medians of the rounds, one dict per path."""
+    runners = [_Runner(p, prompt, decode, threads, seed) for p in paths]
+    for r in runners:
+        for _ in range(warmup):
+            r.run()
+    runs: list[list[tuple[float, float]]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for k, r in enumerate(runners):
+            runs[k].append(r.run())
+    del runners
+    return [_summary(x, prompt, decode) for x in runs]
+
+
+def throughput(path, prompt: int = 512, decode: int = 128, threads: int = 2, repeats: int = 5,
+               warmup: int = 1, seed: int = 0) -> dict:
+    """llama-bench's two figures on one model (_Runner.run), median of `repeats` runs after `warmup`."""
+    return throughput_interleaved([path], prompt, decode, threads, repeats, warmup, seed)[0]
 
 
 def system_info() -> dict:
@@ -163,12 +189,13 @@ def bench(dense, converted: list, dtypes: list[str], json_path, threads: int = 2
                 export_gguf(p, f, dtype=dtype, progress=False)
                 files.append(f)
             dense_row = None
-            for k, (p, f) in enumerate(zip(paths, files)):
-                load_before = os.getloadavg()[0]
-                t = throughput(f, prompt=prompt, decode=decode, threads=threads, repeats=repeats)
+            load_before = os.getloadavg()[0]
+            measured = throughput_interleaved(files, prompt=prompt, decode=decode, threads=threads, repeats=repeats)
+            load_after = os.getloadavg()[0]
+            for k, (p, f, t) in enumerate(zip(paths, files, measured)):
                 row = {"model": str(p), "role": "dense" if k == 0 else "converted", "dtype": dtype,
                        "gguf_bytes": os.path.getsize(f), **_gguf_arch(f), **t,
-                       "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+                       "loadavg_1min": [round(load_before, 2), round(load_after, 2)]}
                 if k == 0:
                     dense_row = row
                 else:
@@ -183,7 +210,8 @@ def bench(dense, converted: list, dtypes: list[str], json_path, threads: int = 2
                           flush=True)
     result = {"benchmark": "llama.cpp CPU throughput (llama-bench style)", "machine": machine(), **info,
               "config": {"threads": threads, "repeats": repeats, "prompt_tokens": prompt, "decode_tokens": decode,
-                         "batch": 1, "statistic": "median", "cmake_args": CMAKE_ARGS},
+                         "batch": 1, "statistic": "median", "protocol": "every dtype's models loaded together, measured in turn "
+                         "(one warm-up run each, then `repeats` rounds of one run each)", "cmake_args": CMAKE_ARGS},
               "results": rows}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

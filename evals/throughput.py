@@ -7,6 +7,8 @@ without the FFN's and the routing sees real activations). Decode: greedy steps w
 per sequence per step, at several batch sizes. On CUDA the decode step is compiled with CUDA graphs
 (torch.compile mode="reduce-overhead") for dense and converted alike, so that the comparison measures
 sparsity, not Python and launch overhead (stock `generate` spends most of its time there at batch 1).
+Every configuration measures the models in interleaved rounds (dense, converted, dense, converted, ...), so
+that a shared machine's drifting speed does not land on one side.
 """
 
 from __future__ import annotations
@@ -58,6 +60,28 @@ def _timed(run, device, cfg: ThroughputConfig) -> list[float]:
     return times
 
 
+def _rounds(models: dict, run, device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """{name: [run(model) for each repeat]} with the models interleaved: `warmup` untimed calls of each, then
+    `repeats` rounds in which every model runs once in turn. A shared machine's speed drifts by 10-20% within
+    minutes; measured in turn, a drift slows every side alike instead of whichever model ran later."""
+    for model in models.values():
+        for _ in range(warmup):
+            run(model)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name].append(run(model))
+    return times
+
+
+def _seconds(call, device) -> float:
+    t0 = time.perf_counter()
+    call()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def _median(times: list[float]) -> float:
     return sorted(times)[len(times) // 2]
 
@@ -102,18 +126,18 @@ def attention_inputs(dense, seq: int) -> list[dict]:
     return got
 
 
+def attention_pass(model, inputs: list[dict]) -> None:
+    """Every layer's attention module once, each fed its recorded inputs (the layers run one after another, as
+    in a forward pass, but on the same inputs whatever the model)."""
+    for layer, kw in zip(model.model.layers, inputs):
+        layer.self_attn(hidden_states=kw["hidden_states"], position_embeddings=kw["position_embeddings"],
+                        attention_mask=None)
+
+
 @torch.no_grad()
 def attention_times(model, inputs: list[dict], cfg: ThroughputConfig) -> list[float]:
-    """Seconds for every layer's attention module, each fed its recorded inputs (the layers run one after
-    another, as in a forward pass, but on the same inputs whatever the model)."""
-    attns = [layer.self_attn for layer in model.model.layers]
-    device = inputs[0]["hidden_states"].device
-
-    def run():
-        for attn, kw in zip(attns, inputs):
-            attn(hidden_states=kw["hidden_states"], position_embeddings=kw["position_embeddings"],
-                 attention_mask=None)
-    return _timed(run, device, cfg)
+    """Seconds of each of cfg.repeats attention passes (attention_pass) after cfg.warmup untimed ones."""
+    return _timed(lambda: attention_pass(model, inputs), inputs[0]["hidden_states"].device, cfg)
 
 
 def _row(name: str, phase: str, seq: int, times: list[float]) -> dict:
@@ -121,22 +145,26 @@ def _row(name: str, phase: str, seq: int, times: list[float]) -> dict:
             "median_seconds": round(_median(times), 6), "seconds": [round(t, 6) for t in times]}
 
 
+@torch.no_grad()
 def long_prefill_rows(models: dict, cfg: ThroughputConfig) -> list[dict]:
     """For each context in cfg.prefill_ctx: attention alone (inputs from the first model, the dense one) and
-    the whole-model prefill, for every model in `models` ({name: model})."""
+    the whole-model prefill, for every model in `models` ({name: model}), in interleaved rounds (_rounds)."""
     rows = []
     first = next(iter(models.values()))
+    device = next(first.parameters()).device
     for seq in cfg.prefill_ctx:
         inputs = attention_inputs(first, seq)
-        for name, model in models.items():
-            rows.append(_row(name, "attention", seq, attention_times(model, inputs, cfg)))
+        times = _rounds(models, lambda m: _seconds(lambda: attention_pass(m, inputs), device), device, cfg.warmup,
+                        cfg.repeats)
+        rows += [_row(name, "attention", seq, t) for name, t in times.items()]
         del inputs
-        for name, model in models.items():
-            rows.append(_row(name, "prefill", seq, prefill_times(model, 1, seq, cfg)))
+        ids = _prefill_ids(first, 1, seq)
+        times = _rounds(models, lambda m: _seconds(lambda: m(input_ids=ids, use_cache=False, logits_to_keep=1),
+                                                   device), device, cfg.warmup, cfg.repeats)
+        rows += [_row(name, "prefill", seq, t) for name, t in times.items()]
     return rows
 
 
-@torch.no_grad()
 def greedy_decode(model, prompt: torch.Tensor, steps: int, runtime: str = "auto", warmup: int = 0):
     """Prefill `prompt` into a static KV cache, then `warmup + steps` greedy one-token decode steps.
     Returns (tokens [B, 1 + warmup + steps], seconds taken by the last `steps` steps). The warmup steps
@@ -167,38 +195,34 @@ def greedy_decode(model, prompt: torch.Tensor, steps: int, runtime: str = "auto"
     return torch.cat(out, dim=1), time.perf_counter() - t0
 
 
-def decode_tokens_per_second(model, batch: int, cfg: ThroughputConfig) -> float:
-    """Generated tokens per second over cfg.new_tokens timed steps, after cfg.warmup untimed ones."""
-    device = next(model.parameters()).device
-    prompt = torch.randint(0, model.config.vocab_size, (batch, cfg.prompt_len), device=device)
-    _, seconds = greedy_decode(model, prompt, cfg.new_tokens, cfg.runtime, warmup=cfg.warmup)
-    return batch * cfg.new_tokens / seconds
-
-
-def bench_model(model, name: str, cfg: ThroughputConfig) -> list[dict]:
-    rows = []
-    for batch, seq in cfg.prefill:
-        rows.append({"model": name, "phase": "prefill", "batch": batch, "seq": seq,
-                     "tokens_per_second": round(prefill_tokens_per_second(model, batch, seq, cfg), 2)})
-    for batch in cfg.decode_batches:
-        rows.append({"model": name, "phase": "decode", "batch": batch, "seq": cfg.prompt_len + cfg.new_tokens,
-                     "tokens_per_second": round(decode_tokens_per_second(model, batch, cfg), 2)})
-    return rows
-
-
+@torch.no_grad()
 def compare(dense, converted, cfg: ThroughputConfig, label: str, others: dict | None = None) -> dict:
     """Dense and converted on the same runtime; adds converted/dense speed-up per configuration. `others`
     ({name: model}) are measured the same way and get a speed-up against dense too (e.g. stock transformers'
-    Mixtral of the converted model's shape)."""
-    rows = bench_model(dense, "dense", cfg) + bench_model(converted, "converted", cfg)
-    for name, model in (others or {}).items():
-        rows += bench_model(model, name, cfg)
-    rows += long_prefill_rows({"dense": dense, "converted": converted, **(others or {})}, cfg)
+    Mixtral of the converted model's shape). Each configuration measures every model in interleaved rounds
+    (`_rounds`; decode with CUDA graphs once per model, since each call compiles)."""
+    models = {"dense": dense, "converted": converted, **(others or {})}
+    device = next(converted.parameters()).device
+    graphs = cfg.runtime == "graphs" or (cfg.runtime == "auto" and device.type == "cuda")
+    rows = []
+    for batch, seq in cfg.prefill:
+        ids = _prefill_ids(dense, batch, seq)  # the same tokens for every model
+        times = _rounds(models, lambda m: _seconds(lambda: m(input_ids=ids, use_cache=False, logits_to_keep=1),
+                                                   device), device, cfg.warmup, cfg.repeats)
+        rows += [{"model": name, "phase": "prefill", "batch": batch, "seq": seq,
+                  "tokens_per_second": round(batch * seq / _median(t), 2)} for name, t in times.items()]
+    for batch in cfg.decode_batches:
+        g = torch.Generator().manual_seed(batch)
+        prompt = torch.randint(0, dense.config.vocab_size, (batch, cfg.prompt_len), generator=g).to(device)
+        times = _rounds(models, lambda m: greedy_decode(m, prompt, cfg.new_tokens, cfg.runtime, warmup=cfg.warmup)[1],
+                        device, 0, 1 if graphs else cfg.repeats)
+        rows += [{"model": name, "phase": "decode", "batch": batch, "seq": cfg.prompt_len + cfg.new_tokens,
+                  "tokens_per_second": round(batch * cfg.new_tokens / _median(t), 2)} for name, t in times.items()]
+    rows += long_prefill_rows(models, cfg)
     by_key = {(r["phase"], r["batch"], r["seq"]): r["tokens_per_second"] for r in rows if r["model"] == "dense"}
     for r in rows:
         if r["model"] != "dense":
             r["speedup_vs_dense"] = round(r["tokens_per_second"] / by_key[(r["phase"], r["batch"], r["seq"])], 3)
-    device = next(converted.parameters()).device
     moe = getattr(converted, "surgery_config", None)
     return {
         "label": label,

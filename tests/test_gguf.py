@@ -186,3 +186,24 @@ def test_refusals_are_clear_and_leave_nothing(tmp_path, demo_model):
     before = (tmp_path / "e.gguf").read_bytes()
     r = run(main, ["export", str(dense), str(tmp_path / "e.gguf"), "--format", "gguf"])
     assert r.exit_code == 2 and "--overwrite" in r.output and (tmp_path / "e.gguf").read_bytes() == before
+
+
+def test_bench_llamacpp_measures_models_in_turn(tmp_path, demo_model, monkeypatch):
+    """`surgery bench llamacpp` loads a dtype's GGUFs together and runs them in interleaved rounds (one warm-up
+    each, then one run of each per round), writing both figures, every run and the speed-ups."""
+    dense = random_llama(tmp_path / "dense", demo_model)
+    convert(dense, tmp_path / "moe", ConvertConfig(experts=4, top_k=1, seed=3), progress=False)
+    order = []
+    run = L._Runner.run
+    monkeypatch.setattr(L._Runner, "run", lambda self: order.append(self.prompt and id(self)) or run(self))
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(main, ["bench", "llamacpp", str(dense), str(tmp_path / "moe"), "--repeats", "2",
+                                  "--prompt", "16", "--decode", "4", "--threads", "1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    a, b = order[0], order[1]
+    assert a != b and order == [a, b, a, b, a, b]  # warm-up of each, then two rounds in turn
+    res = json.loads(out.read_text())
+    rows = res["results"]
+    assert [x["role"] for x in rows] == ["dense", "converted"] and "protocol" in res["config"]
+    assert all(len(x["pp"]["runs"]) == 2 and len(x["tg"]["runs"]) == 2 and x["tg"]["tokens_per_s"] > 0 for x in rows)
+    assert set(rows[1]["speedup_vs_dense"]) == {"pp", "tg"}

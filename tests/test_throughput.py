@@ -37,6 +37,18 @@ def test_bench_model_cli_writes_rows(tmp_path, tiny_llama):
     assert all("speedup_vs_dense" in r for r in rows if r["model"] == "converted")
 
 
+def test_rounds_interleave_the_models():
+    """Each round runs every model once, in turn, after the warm-up calls: a drifting machine speed lands on
+    every side alike."""
+    from surgery_evals.throughput import _rounds
+
+    calls = []
+    times = _rounds({"dense": "d", "converted": "c"}, lambda m: calls.append(m) or float(len(calls)),
+                    torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["d", "c"] + ["d", "c"] * 3
+    assert times == {"dense": [3.0, 5.0, 7.0], "converted": [4.0, 6.0, 8.0]}
+
+
 def test_bench_model_needs_a_model():
     r = CliRunner().invoke(main, ["bench", "model", "--json", "x.json"])
     assert r.exit_code == 2 and "--synthetic" in r.stderr
