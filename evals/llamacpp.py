@@ -164,6 +164,7 @@ def bench(dense, converted: list, dtypes: list[str], json_path, threads: int = 2
     """Dense vs converted GGUF of the same dtype on llama.cpp. DENSE / CONVERTED: model folders (exported to
     GGUF here, once per dtype) or .gguf files (taken as they are; then `dtypes` must be the file's)."""
     from surgery.atomic import atomic_write_text
+    from surgery_evals.throughput import paired_speedup
     from surgery_evals.report import machine
     from surgery.export.gguf import export_gguf, parse_gguf_dtype
 
@@ -202,11 +203,14 @@ def bench(dense, converted: list, dtypes: list[str], json_path, threads: int = 2
                     row["speedup_vs_dense"] = {
                         "pp": round(t["pp"]["tokens_per_s"] / dense_row["pp"]["tokens_per_s"], 3),
                         "tg": round(t["tg"]["tokens_per_s"] / dense_row["tg"]["tokens_per_s"], 3)}
+                    row["speedup_paired"] = {k: paired_speedup(t[k]["runs"], dense_row[k]["runs"]) for k in ("pp", "tg")}
                 rows.append(row)
                 if progress:
                     sp = row.get("speedup_vs_dense")
+                    pr = row.get("speedup_paired")
                     print(f"{dtype} {p}: pp{prompt} {t['pp']['tokens_per_s']:.1f} tok/s, tg{decode} "
-                          f"{t['tg']['tokens_per_s']:.1f} tok/s" + (f"  ({sp['pp']}x / {sp['tg']}x dense)" if sp else ""),
+                          f"{t['tg']['tokens_per_s']:.1f} tok/s" + (f"  ({sp['pp']}x / {sp['tg']}x dense; paired "
+                                                                    f"{pr['pp']}x / {pr['tg']}x)" if sp else ""),
                           flush=True)
     result = {"benchmark": "llama.cpp CPU throughput (llama-bench style)", "machine": machine(), **info,
               "config": {"threads": threads, "repeats": repeats, "prompt_tokens": prompt, "decode_tokens": decode,

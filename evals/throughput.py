@@ -8,7 +8,9 @@ per sequence per step, at several batch sizes. On CUDA the decode step is compil
 (torch.compile mode="reduce-overhead") for dense and converted alike, so that the comparison measures
 sparsity, not Python and launch overhead (stock `generate` spends most of its time there at batch 1).
 Every configuration measures the models in interleaved rounds (dense, converted, dense, converted, ...), so
-that a shared machine's drifting speed does not land on one side.
+that a shared machine's drifting speed does not land on one side; each row keeps its rounds' tokens/s and
+converted rows both speed-ups: speedup_vs_dense (ratio of the medians) and speedup_paired (median of the
+rounds' ratios, the one that cancels drift).
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ def _rounds(models: dict, run, device, warmup: int, repeats: int) -> dict[str, l
         for name, model in models.items():
             times[name].append(run(model))
     return times
+
+
+def paired_speedup(converted: list[float], dense: list[float]) -> float:
+    """Median over rounds of converted / dense tokens/s measured in the same round: with interleaved rounds
+    (_rounds) the ratio within a round cancels the machine's drift, which the ratio of the two medians
+    (speedup_vs_dense) does not when the drift is large."""
+    return round(_median([c / d for c, d in zip(converted, dense)]), 3)
 
 
 def _seconds(call, device) -> float:
@@ -142,7 +151,8 @@ def attention_times(model, inputs: list[dict], cfg: ThroughputConfig) -> list[fl
 
 def _row(name: str, phase: str, seq: int, times: list[float]) -> dict:
     return {"model": name, "phase": phase, "batch": 1, "seq": seq, "tokens_per_second": round(seq / _median(times), 2),
-            "median_seconds": round(_median(times), 6), "seconds": [round(t, 6) for t in times]}
+            "median_seconds": round(_median(times), 6), "seconds": [round(t, 6) for t in times],
+            "rounds": [round(seq / t, 2) for t in times]}
 
 
 @torch.no_grad()
@@ -210,19 +220,23 @@ def compare(dense, converted, cfg: ThroughputConfig, label: str, others: dict | 
         times = _rounds(models, lambda m: _seconds(lambda: m(input_ids=ids, use_cache=False, logits_to_keep=1),
                                                    device), device, cfg.warmup, cfg.repeats)
         rows += [{"model": name, "phase": "prefill", "batch": batch, "seq": seq,
-                  "tokens_per_second": round(batch * seq / _median(t), 2)} for name, t in times.items()]
+                  "tokens_per_second": round(batch * seq / _median(t), 2),
+                  "rounds": [round(batch * seq / x, 2) for x in t]} for name, t in times.items()]
     for batch in cfg.decode_batches:
         g = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, dense.config.vocab_size, (batch, cfg.prompt_len), generator=g).to(device)
         times = _rounds(models, lambda m: greedy_decode(m, prompt, cfg.new_tokens, cfg.runtime, warmup=cfg.warmup)[1],
                         device, 0, 1 if graphs else cfg.repeats)
         rows += [{"model": name, "phase": "decode", "batch": batch, "seq": cfg.prompt_len + cfg.new_tokens,
-                  "tokens_per_second": round(batch * cfg.new_tokens / _median(t), 2)} for name, t in times.items()]
+                  "tokens_per_second": round(batch * cfg.new_tokens / _median(t), 2),
+                  "rounds": [round(batch * cfg.new_tokens / x, 2) for x in t]} for name, t in times.items()]
     rows += long_prefill_rows(models, cfg)
-    by_key = {(r["phase"], r["batch"], r["seq"]): r["tokens_per_second"] for r in rows if r["model"] == "dense"}
+    by_key = {(r["phase"], r["batch"], r["seq"]): r for r in rows if r["model"] == "dense"}
     for r in rows:
         if r["model"] != "dense":
-            r["speedup_vs_dense"] = round(r["tokens_per_second"] / by_key[(r["phase"], r["batch"], r["seq"])], 3)
+            d = by_key[(r["phase"], r["batch"], r["seq"])]
+            r["speedup_vs_dense"] = round(r["tokens_per_second"] / d["tokens_per_second"], 3)
+            r["speedup_paired"] = paired_speedup(r["rounds"], d["rounds"])
     moe = getattr(converted, "surgery_config", None)
     return {
         "label": label,

@@ -306,7 +306,8 @@ def bench_llamacpp_cmd(dense, converted, dtypes, threads, repeats, prompt, decod
                    decode=decode)
     click.echo(json.dumps({"json": json_path, "rows": [
         {k: r[k] for k in ("model", "dtype", "architecture")} | {"pp": round(r["pp"]["tokens_per_s"], 1),
-         "tg": round(r["tg"]["tokens_per_s"], 1), **({"speedup": r["speedup_vs_dense"]} if "speedup_vs_dense" in r else {})}
+         "tg": round(r["tg"]["tokens_per_s"], 1), **({"speedup": r["speedup_vs_dense"], "speedup_paired": r["speedup_paired"]}
+                                                     if "speedup_vs_dense" in r else {})}
         for r in result["results"]]}, indent=2))
 
 

@@ -206,4 +206,6 @@ def test_bench_llamacpp_measures_models_in_turn(tmp_path, demo_model, monkeypatc
     rows = res["results"]
     assert [x["role"] for x in rows] == ["dense", "converted"] and "protocol" in res["config"]
     assert all(len(x["pp"]["runs"]) == 2 and len(x["tg"]["runs"]) == 2 and x["tg"]["tokens_per_s"] > 0 for x in rows)
-    assert set(rows[1]["speedup_vs_dense"]) == {"pp", "tg"}
+    assert set(rows[1]["speedup_vs_dense"]) == set(rows[1]["speedup_paired"]) == {"pp", "tg"}
+    pp = [c / d for c, d in zip(rows[1]["pp"]["runs"], rows[0]["pp"]["runs"])]
+    assert rows[1]["speedup_paired"]["pp"] == round(sorted(pp)[1], 3)  # the median of the two rounds' ratios

@@ -35,6 +35,11 @@ def test_bench_model_cli_writes_rows(tmp_path, tiny_llama):
         (m, p, b) for m in ("dense", "converted") for p, b in (("prefill", 1), ("decode", 1), ("decode", 2))}
     assert all(r["tokens_per_second"] > 0 for r in rows)
     assert all("speedup_vs_dense" in r for r in rows if r["model"] == "converted")
+    dense = {(r["phase"], r["batch"]): r for r in rows if r["model"] == "dense"}
+    for r in (r for r in rows if r["model"] == "converted"):  # 3 interleaved rounds: the middle per-round ratio
+        d = dense[(r["phase"], r["batch"])]
+        assert len(r["rounds"]) == len(d["rounds"]) == 3
+        assert r["speedup_paired"] == round(sorted(c / x for c, x in zip(r["rounds"], d["rounds"]))[1], 3)
 
 
 def test_rounds_interleave_the_models():
