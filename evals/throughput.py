@@ -175,6 +175,7 @@ def long_prefill_rows(models: dict, cfg: ThroughputConfig) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
 def greedy_decode(model, prompt: torch.Tensor, steps: int, runtime: str = "auto", warmup: int = 0):
     """Prefill `prompt` into a static KV cache, then `warmup + steps` greedy one-token decode steps.
     Returns (tokens [B, 1 + warmup + steps], seconds taken by the last `steps` steps). The warmup steps
