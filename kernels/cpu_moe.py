@@ -14,7 +14,8 @@ Paths (`path=`), all equal to the reference up to float32 rounding:
     "gather"   only the U experts some token selected: their gate/up rows and down columns gathered into one
                small dense SwiGLU that runs on every token, each token's hidden units scaled by its routing
                weight (0 for experts it did not select). Reads only the selected experts' weights: the path
-               for one or a few tokens, where reading weights is the cost.
+               for one or a few tokens, where reading weights is the cost. One token with at most
+               ONE_TOKEN_MAX_K experts reads their rows in place instead (no gathered copy).
     "sorted"   tokens sorted by expert; one gate/up matmul per expert on its own tokens (only the selected
                experts' FLOPs); the weighted hidden units scattered into a [T, S + E*F] matrix (zeros
                elsewhere) that goes through ONE down projection, the shared expert's included. The down
