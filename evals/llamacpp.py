@@ -117,16 +117,14 @@ def throughput_interleaved(paths: list, prompt: int = 512, decode: int = 128, th
     """throughput() of several GGUFs loaded together and measured in turn: `warmup` untimed runs of each, then
     `repeats` rounds in which each runs once, so that a shared machine's drifting speed lands on every model
     alike (it moves by 10-20% within minutes here). Medians of the rounds, one dict per path."""
-    runners = [_Runner(p, prompt, decode, threads, seed) for p in paths]
-    for r in runners:
-        for _ in range(warmup):
-            r.run()
-    runs: list[list[tuple[float, float]]] = [[] for _ in runners]
-    for _ in range(repeats):
-        for k, r in enumerate(runners):
-            runs[k].append(r.run())
+    import torch
+
+    from surgery_evals.throughput import interleaved_rounds
+
+    runners = {k: _Runner(p, prompt, decode, threads, seed) for k, p in enumerate(paths)}
+    runs = interleaved_rounds(runners, _Runner.run, torch.device("cpu"), warmup, repeats)
     del runners
-    return [_summary(x, prompt, decode) for x in runs]
+    return [_summary(runs[k], prompt, decode) for k in range(len(paths))]
 
 
 def throughput(path, prompt: int = 512, decode: int = 128, threads: int = 2, repeats: int = 5,
@@ -203,7 +201,8 @@ def bench(dense, converted: list, dtypes: list[str], json_path, threads: int = 2
                     row["speedup_vs_dense"] = {
                         "pp": round(t["pp"]["tokens_per_s"] / dense_row["pp"]["tokens_per_s"], 3),
                         "tg": round(t["tg"]["tokens_per_s"] / dense_row["tg"]["tokens_per_s"], 3)}
-                    row["speedup_paired"] = {k: paired_speedup(t[k]["runs"], dense_row[k]["runs"]) for k in ("pp", "tg")}
+                    row["speedup_paired"] = {k: paired_speedup(t[k]["runs"], dense_row[k]["runs"])
+                                             for k in ("pp", "tg")}
                 rows.append(row)
                 if progress:
                     sp = row.get("speedup_vs_dense")
@@ -214,8 +213,9 @@ def bench(dense, converted: list, dtypes: list[str], json_path, threads: int = 2
                           flush=True)
     result = {"benchmark": "llama.cpp CPU throughput (llama-bench style)", "machine": machine(), **info,
               "config": {"threads": threads, "repeats": repeats, "prompt_tokens": prompt, "decode_tokens": decode,
-                         "batch": 1, "statistic": "median", "protocol": "every dtype's models loaded together, measured in turn "
-                         "(one warm-up run each, then `repeats` rounds of one run each)", "cmake_args": CMAKE_ARGS},
+                         "batch": 1, "statistic": "median",
+                         "protocol": "every dtype's models loaded together, measured in turn (one warm-up run each, "
+                                     "then `repeats` rounds of one run each)", "cmake_args": CMAKE_ARGS},
               "results": rows}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -49,20 +49,11 @@ def _static_cache(model, batch: int, length: int, device, dtype):
 
 
 def _timed(run, device, cfg: ThroughputConfig) -> list[float]:
-    """Seconds of each of cfg.repeats calls of run(), after cfg.warmup untimed ones."""
-    for _ in range(cfg.warmup):
-        run()
-    _sync(device)
-    times = []
-    for _ in range(cfg.repeats):
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    """Seconds of each of cfg.repeats calls of run(), after cfg.warmup untimed ones (interleaved_rounds of one)."""
+    return interleaved_rounds({"": run}, lambda r: _seconds(r, device), device, cfg.warmup, cfg.repeats)[""]
 
 
-def _rounds(models: dict, run, device, warmup: int, repeats: int) -> dict[str, list[float]]:
+def interleaved_rounds(models: dict, run, device, warmup: int, repeats: int) -> dict[str, list[float]]:
     """{name: [run(model) for each repeat]} with the models interleaved: `warmup` untimed calls of each, then
     `repeats` rounds in which every model runs once in turn. A shared machine's speed drifts by 10-20% within
     minutes; measured in turn, a drift slows every side alike instead of whichever model ran later."""
@@ -79,7 +70,7 @@ def _rounds(models: dict, run, device, warmup: int, repeats: int) -> dict[str, l
 
 def paired_speedup(converted: list[float], dense: list[float]) -> float:
     """Median over rounds of converted / dense tokens/s measured in the same round: with interleaved rounds
-    (_rounds) the ratio within a round cancels the machine's drift, which the ratio of the two medians
+    (interleaved_rounds) the ratio within a round cancels the machine's drift, which the ratio of the two medians
     (speedup_vs_dense) does not when the drift is large."""
     return round(_median([c / d for c, d in zip(converted, dense)]), 3)
 
@@ -95,6 +86,15 @@ def _median(times: list[float]) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _prefill(model, ids) -> None:
+    """One prefill forward, without a cache, computing only the last position's logits."""
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+
+def _uses_graphs(runtime: str, device: torch.device) -> bool:
+    return runtime == "graphs" or (runtime == "auto" and device.type == "cuda")
+
+
 def _prefill_ids(model, batch: int, seq: int, seed: int = 0):
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)  # the same tokens for dense and converted
@@ -104,7 +104,7 @@ def _prefill_ids(model, batch: int, seq: int, seed: int = 0):
 @torch.no_grad()
 def prefill_times(model, batch: int, seq: int, cfg: ThroughputConfig) -> list[float]:
     ids = _prefill_ids(model, batch, seq)
-    return _timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), ids.device, cfg)
+    return _timed(lambda: _prefill(model, ids), ids.device, cfg)
 
 
 def prefill_tokens_per_second(model, batch: int, seq: int, cfg: ThroughputConfig) -> float:
@@ -158,19 +158,19 @@ def _row(name: str, phase: str, seq: int, times: list[float]) -> dict:
 @torch.no_grad()
 def long_prefill_rows(models: dict, cfg: ThroughputConfig) -> list[dict]:
     """For each context in cfg.prefill_ctx: attention alone (inputs from the first model, the dense one) and
-    the whole-model prefill, for every model in `models` ({name: model}), in interleaved rounds (_rounds)."""
+    the whole-model prefill, for every model in `models` ({name: model}), in interleaved rounds."""
     rows = []
     first = next(iter(models.values()))
     device = next(first.parameters()).device
     for seq in cfg.prefill_ctx:
         inputs = attention_inputs(first, seq)
-        times = _rounds(models, lambda m: _seconds(lambda: attention_pass(m, inputs), device), device, cfg.warmup,
-                        cfg.repeats)
+        times = interleaved_rounds(models, lambda m: _seconds(lambda: attention_pass(m, inputs), device), device,
+                                   cfg.warmup, cfg.repeats)
         rows += [_row(name, "attention", seq, t) for name, t in times.items()]
         del inputs
         ids = _prefill_ids(first, 1, seq)
-        times = _rounds(models, lambda m: _seconds(lambda: m(input_ids=ids, use_cache=False, logits_to_keep=1),
-                                                   device), device, cfg.warmup, cfg.repeats)
+        times = interleaved_rounds(models, lambda m: _seconds(lambda: _prefill(m, ids), device), device,
+                                   cfg.warmup, cfg.repeats)
         rows += [_row(name, "prefill", seq, t) for name, t in times.items()]
     return rows
 
@@ -185,7 +185,7 @@ def greedy_decode(model, prompt: torch.Tensor, steps: int, runtime: str = "auto"
     device = prompt.device
     dtype = next(model.parameters()).dtype
     batch, prompt_len = prompt.shape
-    graphs = runtime == "graphs" or (runtime == "auto" and device.type == "cuda")
+    graphs = _uses_graphs(runtime, device)
 
     def step(tok, pos, cache):
         return model(input_ids=tok, cache_position=pos, use_cache=True, **with_cache(model, cache)).logits[:, -1]
@@ -211,23 +211,24 @@ def compare(dense, converted, cfg: ThroughputConfig, label: str, others: dict | 
     """Dense and converted on the same runtime; adds converted/dense speed-up per configuration. `others`
     ({name: model}) are measured the same way and get a speed-up against dense too (e.g. stock transformers'
     Mixtral of the converted model's shape). Each configuration measures every model in interleaved rounds
-    (`_rounds`; decode with CUDA graphs once per model, since each call compiles)."""
+    (`interleaved_rounds`; decode with CUDA graphs once per model, since each call compiles)."""
     models = {"dense": dense, "converted": converted, **(others or {})}
     device = next(converted.parameters()).device
-    graphs = cfg.runtime == "graphs" or (cfg.runtime == "auto" and device.type == "cuda")
+    graphs = _uses_graphs(cfg.runtime, device)
     rows = []
     for batch, seq in cfg.prefill:
         ids = _prefill_ids(dense, batch, seq)  # the same tokens for every model
-        times = _rounds(models, lambda m: _seconds(lambda: m(input_ids=ids, use_cache=False, logits_to_keep=1),
-                                                   device), device, cfg.warmup, cfg.repeats)
+        times = interleaved_rounds(models, lambda m: _seconds(lambda: _prefill(m, ids), device), device,
+                                   cfg.warmup, cfg.repeats)
         rows += [{"model": name, "phase": "prefill", "batch": batch, "seq": seq,
                   "tokens_per_second": round(batch * seq / _median(t), 2),
                   "rounds": [round(batch * seq / x, 2) for x in t]} for name, t in times.items()]
     for batch in cfg.decode_batches:
         g = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, dense.config.vocab_size, (batch, cfg.prompt_len), generator=g).to(device)
-        times = _rounds(models, lambda m: greedy_decode(m, prompt, cfg.new_tokens, cfg.runtime, warmup=cfg.warmup)[1],
-                        device, 0, 1 if graphs else cfg.repeats)
+        times = interleaved_rounds(models, lambda m: greedy_decode(m, prompt, cfg.new_tokens, cfg.runtime,
+                                                                   warmup=cfg.warmup)[1],
+                                   device, 0, 1 if graphs else cfg.repeats)
         rows += [{"model": name, "phase": "decode", "batch": batch, "seq": cfg.prompt_len + cfg.new_tokens,
                   "tokens_per_second": round(batch * cfg.new_tokens / _median(t), 2),
                   "rounds": [round(batch * cfg.new_tokens / x, 2) for x in t]} for name, t in times.items()]

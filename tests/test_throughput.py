@@ -45,10 +45,10 @@ def test_bench_model_cli_writes_rows(tmp_path, tiny_llama):
 def test_rounds_interleave_the_models():
     """Each round runs every model once, in turn, after the warm-up calls: a drifting machine speed lands on
     every side alike."""
-    from surgery_evals.throughput import _rounds
+    from surgery_evals.throughput import interleaved_rounds
 
     calls = []
-    times = _rounds({"dense": "d", "converted": "c"}, lambda m: calls.append(m) or float(len(calls)),
+    times = interleaved_rounds({"dense": "d", "converted": "c"}, lambda m: calls.append(m) or float(len(calls)),
                     torch.device("cpu"), warmup=1, repeats=3)
     assert calls == ["d", "c"] + ["d", "c"] * 3
     assert times == {"dense": [3.0, 5.0, 7.0], "converted": [4.0, 6.0, 8.0]}
