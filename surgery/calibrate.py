@@ -76,6 +76,9 @@ class EndToEndConfig:
     ctx: int = 256
     batch_size: int = 4
     lr: float = 1e-4
+    # the routers' learning rate is lr times this (a router is a few thousand weights that decide which
+    # experts a token gets; they may want larger steps than the experts they choose between)
+    router_lr_scale: float = 1.0
     warmup: float = 0.05  # fraction of steps
     temperature: float = 1.0
     train: str = "moe"  # "moe": routers + experts + shared experts; "router": routers only;
@@ -430,6 +433,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 p.requires_grad_(True)
                 params.append(p)
     if dist is not None:
+        if cfg.router_lr_scale != 1.0:
+            raise SurgeryError("e2e.router_lr_scale: not under torchrun (the sharded parameters are one group)")
         dist.check_batch(cfg.batch_size)
         dist.shard(student)
         dist.shard(teacher)
@@ -438,7 +443,12 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     # The fused AdamW: one kernel over all parameters (on 2 CPU cores, 106M parameters: 68 ms a step against
     # 280 for the per-tensor loop). Not for torch.distributed's sharded stand-ins.
     fused = dist is None and device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused or None)
+    router_ids = {id(b.router.weight) for b in blocks} if cfg.router_lr_scale != 1.0 else set()
+    groups = [{"params": [p for p in params if id(p) not in router_ids], "lr_scale": 1.0}]
+    if router_ids:
+        groups.append({"params": [p for p in params if id(p) in router_ids], "lr_scale": cfg.router_lr_scale})
+    groups = [gr for gr in groups if gr["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused or None)
     start, history, snaps = 0, [], []
     elapsed0 = 0.0
     if resume_blob is not None and resume_blob["state"].get("stage") == "e2e":
@@ -477,7 +487,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             batch = wins[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
             mine = batch if dist is None else dist.local(batch)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, steps, cfg)
+                group["lr"] = _lr_at(step, steps, cfg) * group.get("lr_scale", 1.0)
             for b, r in zip(blocks, base_routing):
                 b.routing, b.unit_mix = _routing_at(step, steps, cfg, r, b.num_experts)
             run_t = t_model.model if heads_w is not None else t_model  # the body: final hidden states

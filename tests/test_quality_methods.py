@@ -172,6 +172,31 @@ def test_e2e_chunked_kd_trains_like_the_logits_path(tiny, monkeypatch):
         assert torch.allclose(s1[k], s2[k], rtol=1e-4, atol=1e-6), k
 
 
+@pytest.mark.parametrize("scale", [0.0, 30.0])
+def test_e2e_router_lr_scale_sets_the_routers_step(tiny, scale):
+    """e2e.router_lr_scale multiplies the routers' learning rate only: at 0 the routers stay as converted while
+    the experts train; at 30 the routers move further than at 1 over the same steps."""
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for s in (1.0, scale):
+        student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
+        set_impl(student, "masked")
+        before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-4, autocast="off", train="moe",
+                             router_lr_scale=s)
+        run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False)
+        after = dict(student.named_parameters())
+        moved[s] = {n: (after[n] - before[n]).norm().item() for n in before}
+    routers = [n for n in moved[1.0] if n.endswith("router.weight")]
+    experts = [n for n in moved[1.0] if ".experts." in n]
+    assert routers and experts
+    assert all(moved[1.0][n] > 0 for n in routers) and all(moved[scale][n] > 0 for n in experts)
+    if scale == 0.0:
+        assert all(moved[0.0][n] == 0 for n in routers)
+    else:
+        assert sum(moved[scale][n] for n in routers) > 5 * sum(moved[1.0][n] for n in routers)
+
+
 def test_e2e_transition_ends_at_target_k_and_restores_routing(tiny, tmp_path):
     teacher = surgery.load(tiny)
     student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
