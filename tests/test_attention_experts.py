@@ -108,6 +108,29 @@ def test_sparse_equals_masked(tmp_path, kv_heads, shared, top_k, router):
     assert torch.allclose(w[:, head_expert_modules(moe)[0].routed].sum(-1), torch.full((63,), float(top_k)))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_causal_rows_equals_naive_causal_attention(dtype, tol):
+    """The CPU block path (prefix by flash, band by one masked flash call, merged by log-sum-exp) against a
+    float32 O(n S) softmax on the same (dtype-rounded) inputs; repeated positions, as several heads' rows of one
+    key/value group give, and blocks that do not divide the rows. bfloat16 runs the flash calls in bfloat16
+    (tolerance: its 8-bit mantissa), float32 in float32."""
+    from surgery.attention.sparse import _flash, causal_rows
+
+    if _flash is None:
+        pytest.skip("this torch has no CPU flash kernel")
+    g = torch.Generator().manual_seed(0)
+    S, d = 150, 16
+    pos = torch.sort(torch.randint(0, S, (230,), generator=g)).values
+    q = torch.randn(230, d, generator=g).to(dtype)
+    k, v = torch.randn(S, d, generator=g).to(dtype), torch.randn(S, d, generator=g).to(dtype)
+    out = causal_rows(q, pos, k, v, 0.25, rows=64)
+    scores = (q.float() @ k.float().t()) * 0.25
+    scores = scores.masked_fill(torch.arange(S)[None, :] > pos[:, None], float("-inf"))
+    ref = torch.softmax(scores, -1) @ v.float()
+    assert out.dtype == torch.float32 and out.shape == (230, d)
+    assert (out - ref).abs().max() / ref.abs().max() <= tol
+
+
 def test_demo_layout_nine_heads_three_kv(tmp_path):
     """SmolLM2's layout (9 query heads on 3 key/value heads), S = 3, K = 4: invariant and sparse == masked."""
     src = make_llama(tmp_path / "dense", hidden=72, heads=9, kv_heads=3)

@@ -83,12 +83,14 @@ def causal_rows(q_nd, pos_n, k_Sd, v_Sd, scaling, rows: int | None = None):
     positions first_j..last_j. The keys before first_j, seen by every row of the block, go through the fused
     flash kernel unmasked, one call per block; the band first_j..last_j, where rows see different keys, goes
     through one flash call for all blocks at once (their bands gathered, [blocks, W] keys, additive causal
-    mask). Every row sees its band's first key, so no row is empty; the parts merge by log-sum-exp."""
+    mask). Every row sees its band's first key, so no row is empty; the parts merge by log-sum-exp. The flash
+    calls run in q's dtype (bfloat16 runs on AMX where the CPU has it, as the dense layer's sdpa does); their
+    log-sum-exps are float32 and the merge is float32."""
     C = rows or BLOCK_ROWS
     n, d = q_nd.shape
     nb = -(-n // C)
     pad = nb * C - n
-    q = q_nd.float()
+    q = q_nd
     if pad:  # padding rows repeat the last position: finite, dropped at the end
         q = torch.cat([q, q.new_zeros(pad, d)])
         pos_n = torch.cat([pos_n, pos_n[-1:].expand(pad)])
@@ -98,10 +100,10 @@ def causal_rows(q_nd, pos_n, k_Sd, v_Sd, scaling, rows: int | None = None):
     key_bW = first[:, None] + torch.arange(W, device=q.device)[None, :]
     mask = torch.where(key_bW[:, None, :] > pos_bC[:, :, None], float("-inf"), 0.0).to(q.dtype)
     idx = key_bW.clamp(max=k_Sd.shape[0] - 1)  # keys past the end are masked anyway
-    k, v = k_Sd.float(), v_Sd.float()
+    k, v = k_Sd.to(q.dtype), v_Sd.to(q.dtype)
     o_band, lse_band = _flash(q_bCd[:, None], k[idx][:, None], v[idx][:, None], 0.0, False,
                               attn_mask=mask[:, None], scale=scaling)
-    o_band, lse_band = o_band[:, 0], lse_band[:, 0]
+    o_band, lse_band = o_band[:, 0].float(), lse_band[:, 0]
     o_pre, lse_pre = torch.zeros_like(o_band), torch.full_like(lse_band, float("-inf"))
     for j, f in enumerate(first.tolist()):
         if f:
