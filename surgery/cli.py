@@ -459,7 +459,8 @@ def export_cmd(model_path, out, fmt, dtype, max_shard_size, perplexity_json, ove
 @main.command("profile")
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--data", default=None, help="Text or JSONL file, 'sample' (text sampled from MODEL itself) or 'mix' (half WikiText-2 valid, half sampled)  "
+@click.option("--data", default=None, help="Text or JSONL file, 'sample' (text sampled from MODEL itself), 'mix' (half WikiText-2 valid, half sampled), "
+              "'prompted' / 'mix-prompted[:CATEGORIES]' (MODEL's answers to seed prompts: surgery/prompts.py)  "
               "[default: ../shared/data/wikitext-2/valid.txt]")
 @click.option("--tokens", type=int, default=16384, show_default=True, help="Token budget.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Window length.")
@@ -495,7 +496,8 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--teacher", type=click.Path(), required=True, help="The dense model MODEL was converted from.")
-@click.option("--data", default=None, help="Text or JSONL file, 'sample' (text sampled from the teacher) or 'mix' (half WikiText-2 valid, half sampled)  "
+@click.option("--data", default=None, help="Text or JSONL file, 'sample' (text sampled from the teacher), 'mix' (half WikiText-2 valid, half sampled), "
+              "'prompted' / 'mix-prompted[:CATEGORIES]' (the teacher's answers to seed prompts: surgery/prompts.py)  "
               "[default: ../shared/data/wikitext-2/valid.txt]")
 @click.option("--tokens", type=int, default=32768, show_default=True, help="End-to-end token budget (0: skip).")
 @click.option("--layerwise-tokens", type=int, default=8192, show_default=True, help="Layer-wise tokens (0: skip).")

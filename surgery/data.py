@@ -165,6 +165,27 @@ def resolve_data(name) -> Path:
     return Path(name)
 
 
+def sampling_spec(data) -> tuple[str, list[str] | None] | None:
+    """How a data name samples from the model: ("sample" | "mix", seed prompts or None), or None for a file.
+    "sample" / "mix": sequences from BOS, the whole corpus or half of it (half WikiText-2 valid);
+    "prompted" / "mix-prompted": the model's answers to surgery/prompts.py's seed prompts, every category,
+    or only those named after a colon ("mix-prompted:math,science,history")."""
+    if not isinstance(data, str):
+        return None
+    if data in ("sample", "mix"):
+        return data, None
+    name, _, cats = data.partition(":")
+    if name not in ("prompted", "mix-prompted"):
+        return None
+    from surgery.prompts import seed_prompts
+
+    try:
+        prompts = seed_prompts([c.strip() for c in cats.split(",")] if cats else None)
+    except ValueError as e:
+        raise SurgeryError(f"data {data!r}: {e}") from None
+    return ("sample" if name == "prompted" else "mix"), prompts
+
+
 def interleave(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
     """Blocks of `block` ids taken in turn from a and b (the longer one's rest at the end)."""
     out = []
@@ -173,12 +194,41 @@ def interleave(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _draw(logits_NV: torch.Tensor, g: torch.Generator, temperature: float, top_p: float,
+          candidates: int) -> torch.Tensor:
+    """One nucleus-sampled token per row [N, 1] (on the CPU), among the `candidates` most likely: the top-k and
+    the normaliser are computed where the logits are (on a GPU only [N, candidates] crosses to the host, not
+    [N, vocab]: the whole-vocabulary copy held an H200 to ~3,300 sampled tokens/s); drawn on the CPU with `g`,
+    so a seed gives the same text on every device up to ties."""
+    logits = logits_NV.float() / max(temperature, 1e-5)
+    top, si = logits.topk(min(candidates, logits.shape[-1]), -1)  # sorted, largest first
+    sp = torch.exp(top - torch.logsumexp(logits, -1, keepdim=True)).cpu()  # full-vocabulary probabilities
+    si = si.cpu()
+    keep = sp.cumsum(-1) - sp < top_p
+    sp = sp * keep
+    return si.gather(1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=g))
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A seed prompt as the model is asked things: through its chat template where it has one (ending where the
+    assistant's answer starts), else the bare text and a blank line."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                            add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        return list(ids)
+    return tokenizer(prompt + "\n\n", add_special_tokens=True).input_ids
+
+
 @torch.no_grad()
 def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
                   temperature: float = 1.0, top_p: float = 0.95, progress: bool = True,
-                  candidates: int = 1024, bf16: bool | None = None) -> torch.Tensor:
-    """A data-free calibration corpus: `tokens` token ids sampled from the (dense) model itself, each sequence
-    started from BOS (or a random vocabulary token when the tokenizer has none). Deterministic with `seed`.
+                  candidates: int = 1024, bf16: bool | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+    """A data-free calibration corpus: `tokens` token ids sampled from the (dense) model itself. Without
+    `prompts` each sequence starts from BOS (or a random vocabulary token when the tokenizer has none) and
+    keeps it; with them, each sequence is the model's `seq_len`-token answer to one prompt (surgery/prompts.py;
+    the prompts cycle in a seeded order, left-padded in a batch; the prompt itself is not kept). Deterministic
+    with `seed`.
 
     Nucleus sampling among the `candidates` most likely tokens (a top-k of the logits instead of sorting the
     whole vocabulary at every step); batches shrink to what is still needed, so no sequence is wasted.
@@ -199,32 +249,46 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
     g = torch.Generator().manual_seed(seed)
     bos = tokenizer.bos_token_id
     vocab = model.config.vocab_size
-    out, have = [], 0
+    if prompts:
+        seeds = [_prompt_ids(tokenizer, p) for p in prompts]
+        order = torch.randperm(len(seeds), generator=g).tolist()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out, have, used = [], 0, 0
     bar = tqdm(total=tokens, desc="sampling corpus", unit="tok", disable=not progress)
     while have < tokens:
         n = min(batch_size, -(-(tokens - have) // seq_len))
-        if bos is not None:
-            ids = torch.full((n, 1), bos, dtype=torch.long)
+        kw = {}
+        if prompts:  # left-padded prompts, masked out; positions count only real tokens
+            rows = [seeds[order[(used + i) % len(order)]] for i in range(n)]
+            used += n
+            P = max(len(r) for r in rows)
+            step_ids = torch.full((n, P), pad, dtype=torch.long)
+            mask = torch.zeros(n, P, dtype=torch.long)
+            for i, r in enumerate(rows):
+                step_ids[i, P - len(r):] = torch.tensor(r)
+                mask[i, P - len(r):] = 1
+            step_ids, mask = step_ids.to(device), mask.to(device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            kw = {"attention_mask": mask, "position_ids": pos}
+            ids = step_ids.new_empty(n, 0)
+            steps = seq_len
         else:
-            ids = torch.randint(0, vocab, (n, 1), generator=g)
-        ids = ids.to(device)
+            if bos is not None:
+                ids = torch.full((n, 1), bos, dtype=torch.long)
+            else:
+                ids = torch.randint(0, vocab, (n, 1), generator=g)
+            ids = ids.to(device)
+            step_ids = ids
+            steps = seq_len - 1
         cache = None
-        step_ids = ids
-        for _ in range(seq_len - 1):
-            res = model(input_ids=step_ids, use_cache=True, **with_cache(model, cache))
+        for _ in range(steps):
+            res = model(input_ids=step_ids, use_cache=True, **kw, **with_cache(model, cache))
             cache = returned_cache(res)
-            # top-k and normaliser where the logits are (on a GPU only [n, candidates] crosses to the host, not
-            # [n, vocab]: the whole-vocabulary copy held an H200 to ~3,300 sampled tokens/s); drawn on the CPU
-            # with `g`, so a seed gives the same text on every device up to ties
-            logits = res.logits[:, -1].float() / max(temperature, 1e-5)
-            top, si = logits.topk(min(candidates, logits.shape[-1]), -1)  # sorted, largest first
-            sp = torch.exp(top - torch.logsumexp(logits, -1, keepdim=True)).cpu()  # full-vocabulary probabilities
-            si = si.cpu()
-            keep = sp.cumsum(-1) - sp < top_p
-            sp = sp * keep
-            nxt = si.gather(1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=g))
-            step_ids = nxt.to(device)
+            step_ids = _draw(res.logits[:, -1], g, temperature, top_p, candidates).to(device)
             ids = torch.cat([ids, step_ids], 1)
+            if prompts:
+                kw["attention_mask"] = torch.cat([kw["attention_mask"], kw["attention_mask"].new_ones(n, 1)], 1)
+                kw["position_ids"] = kw["position_ids"][:, -1:] + 1
         out.append(ids.reshape(-1).cpu())
         have += ids.numel()
         bar.update(ids.numel())

@@ -169,15 +169,18 @@ def calibration_ids(tokenizer, data=None, tokens: int = 16384, model=None, seed:
                     progress: bool = True) -> torch.Tensor:
     """Token ids for calibration: the first `tokens` of a text/JSONL file (default WikiText-2 valid), or, with
     data="sample", text sampled from `model` itself (data-free), or with data="mix", half and half of the two
-    interleaved in blocks of MIX_BLOCK tokens (the model's own text keeps domains the file lacks in step)."""
-    from surgery.data import interleave, resolve_data, sample_corpus, tokenize_file
+    interleaved in blocks of MIX_BLOCK tokens (the model's own text keeps domains the file lacks in step);
+    "prompted" / "mix-prompted" sample the model's answers to seed prompts instead (data.sampling_spec)."""
+    from surgery.data import interleave, resolve_data, sample_corpus, sampling_spec, tokenize_file
 
-    if data in ("sample", "mix"):
+    spec = sampling_spec(data)
+    if spec is not None:
+        mode, prompts = spec
         if model is None:
             raise SurgeryError(f"--data {data} needs the dense model to sample from")
-        n = tokens if data == "sample" else tokens - tokens // 2
-        sampled = sample_corpus(model, tokenizer, n, seed=seed, progress=progress, batch_size=128)
-        if data == "sample":
+        n = tokens if mode == "sample" else tokens - tokens // 2
+        sampled = sample_corpus(model, tokenizer, n, seed=seed, progress=progress, batch_size=128, prompts=prompts)
+        if mode == "sample":
             return sampled
         return interleave(tokenize_file(tokenizer, resolve_data(None), tokens // 2), sampled, MIX_BLOCK)
     path = resolve_data(data)

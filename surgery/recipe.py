@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from surgery.atomic import atomic_file, atomic_write_text
+from surgery.data import sampling_spec
 from surgery.errors import SurgeryError
 
 EVAL_DATA = {"wikitext": "wikitext-test", "stdlib": "stdlib"}
@@ -65,7 +66,9 @@ class Recipe:
     convert: dict = field(default_factory=dict)  # ConvertConfig fields
     layerwise: dict | None = None  # LayerwiseConfig fields, or null to skip
     e2e: dict | None = None  # EndToEndConfig fields, or null to skip
-    calibration_data: str | None = None  # layerwise/e2e: path, "sample", "mix" (half each), default WikiText-2 valid
+    # layerwise/e2e: path, "sample", "mix" (half each), "prompted", "mix-prompted[:categories]"
+    # (data.sampling_spec), default WikiText-2 valid
+    calibration_data: str | None = None
     evaluate: dict = field(default_factory=dict)
     time_budget_s: float | None = None  # the recipe's stated budget (reported, not enforced)
     export: list = field(default_factory=list)  # formats written to DIR/export-<format>/ (native, mixtral, ...)
@@ -180,22 +183,28 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             dense = load_model(src, dtype=recipe.dtype, device=device)
         return dense
 
-    def sampled(tokens: int, mode: str = "sample") -> torch.Tensor:
-        """Text sampled from the dense model (data: sample), drawn once for every stage and kept in the run
-        folder: the stages then share one corpus and a resumed run does not sample again. data: mix takes
-        half of each stage's tokens from WikiText-2 valid and half from that corpus, interleaved."""
-        from surgery.data import interleave, resolve_data, tokenize_file
+    def sampled(tokens: int, data: str = "sample") -> torch.Tensor:
+        """Text sampled from the dense model (data: sample, prompted), drawn once for every stage and kept in
+        the run folder: the stages then share one corpus and a resumed run does not sample again. data: mix
+        (mix-prompted) takes half of each stage's tokens from WikiText-2 valid and half from that corpus,
+        interleaved."""
+        import hashlib
+
+        from surgery.data import interleave, resolve_data, sampling_spec, tokenize_file
         from surgery.profile import MIX_BLOCK
 
+        mode, prompts = sampling_spec(data)
         own = tokens if mode == "sample" else tokens - tokens // 2
-        path = out / "sampled_corpus.pt"
+        path = out / ("sampled_corpus.pt" if prompts is None else
+                      f"prompted_corpus-{hashlib.sha256(repr(prompts).encode()).hexdigest()[:8]}.pt")
         ids = torch.load(path, weights_only=True) if path.is_file() else None
         if ids is None or ids.numel() < own:
             need = max(tokens, ProfileConfig(**{k: v for k, v in recipe.profile.items() if k != "data"}).tokens,
                        LayerwiseConfig(**recipe.layerwise).tokens if recipe.layerwise is not None else 0,
                        EndToEndConfig(**recipe.e2e).tokens if recipe.e2e is not None else 0)
             need = need if mode == "sample" else need - need // 2
-            ids = calibration_ids(tokenizer, "sample", need, get_dense(), recipe.seed, progress)
+            ids = calibration_ids(tokenizer, "sample" if prompts is None else data.replace("mix-", "", 1), need,
+                                  get_dense(), recipe.seed, progress)
             with atomic_file(path) as tmp:
                 torch.save(ids, tmp)
         if mode == "sample":
@@ -209,7 +218,7 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
         pcfg = dict(recipe.profile)
         data = pcfg.pop("data", None)
         pc = ProfileConfig(seed=recipe.seed, **pcfg)
-        ids = sampled(pc.tokens, data) if data in ("sample", "mix") else \
+        ids = sampled(pc.tokens, data) if sampling_spec(data) is not None else \
             calibration_ids(tokenizer, data, pc.tokens, get_dense(), recipe.seed, progress)
         stats = profile_model(get_dense(), ids, pc, progress)
         save_profile(stats, prof_path, {"data": str(data or "wikitext-valid"), "config": asdict(pc)})
@@ -243,7 +252,7 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
                                   e2e=EndToEndConfig(**recipe.e2e) if s == "e2e" else None,
                                   seed=recipe.seed, data=recipe.calibration_data)
             ids = sampled((cfg.layerwise or cfg.e2e).tokens, recipe.calibration_data) \
-                if recipe.calibration_data in ("sample", "mix") else None
+                if sampling_spec(recipe.calibration_data) is not None else None
             res = calibrate(student, get_dense(), tokenizer, cfg, ckpt=out / "checkpoints" / s, resume=True,
                             progress=progress, ids=ids)
             save_converted(student, stage_dir(s), tokenizer_from=src, overwrite=True)
@@ -261,7 +270,7 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
     # 5. evaluate
     def e2e_ids(tokens: int):  # the calibration text the e2e stage read (None: calibrate reads the file itself)
         data = recipe.calibration_data
-        return sampled(tokens, data) if data in ("sample", "mix") else calibration_ids(tokenizer, data, tokens)
+        return sampled(tokens, data) if sampling_spec(data) is not None else calibration_ids(tokenizer, data, tokens)
 
     report = _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, state, device, progress,
                        e2e_ids)

@@ -58,7 +58,9 @@ class StreamConfig:
 
     def validate(self, width: int) -> None:
         self.convert.validate(width)
-        if self.data in ("sample", "mix"):
+        from surgery.data import sampling_spec
+
+        if sampling_spec(self.data) is not None:
             raise SurgeryError(f"--data {self.data}: sampling text needs the whole model in memory; give a file")
         if self.convert.layer_budgets != "uniform":
             raise SurgeryError(f"--layer-budgets {self.convert.layer_budgets}: a streamed conversion needs every "

@@ -98,6 +98,50 @@ def test_sampled_corpus_from_a_bf16_copy_leaves_the_model_alone(tiny_llama, bf16
     assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_prompted_sampling_pads_without_changing_an_answer(tiny_llama):
+    """Seed prompts of different lengths share a batch left-padded: with (near-)greedy draws each row must be
+    the answer its prompt gets alone, so the padding mask and the positions are right; the corpus holds only
+    the answers (seq_len tokens each), exactly `tokens` of them, deterministic with the seed."""
+    from surgery.data import sample_corpus
+    from surgery.modeling import load_tokenizer
+
+    model, tok = surgery.load(tiny_llama), load_tokenizer(tiny_llama)
+    prompts = ["one two three four five six seven", "one", "four five"]
+    greedy = dict(seq_len=6, seed=0, progress=False, bf16=False, temperature=1e-6, top_p=0.5)
+    alone = {p: sample_corpus(model, tok, 6, batch_size=1, prompts=[p], **greedy) for p in prompts}
+    assert len({tuple(a.tolist()) for a in alone.values()}) > 1  # the prompts do steer the answers
+    together = sample_corpus(model, tok, 18, batch_size=3, prompts=prompts, **greedy).view(3, 6)
+    got = {tuple(r.tolist()) for r in together}
+    assert got == {tuple(a.tolist()) for a in alone.values()}
+    a = sample_corpus(model, tok, 50, seq_len=8, batch_size=4, seed=2, progress=False, prompts=prompts)
+    b = sample_corpus(model, tok, 50, seq_len=8, batch_size=4, seed=2, progress=False, prompts=prompts)
+    assert a.shape == (50,) and torch.equal(a, b)
+
+
+def test_prompted_sampling_uses_the_chat_template(tiny_llama):
+    from surgery.data import _prompt_ids
+    from surgery.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama)
+    assert _prompt_ids(tok, "one two") == tok("one two\n\n").input_ids
+    tok.chat_template = "{% for m in messages %}user {{ m['content'] }} {% endfor %}assistant"
+    assert _prompt_ids(tok, "one two") == tok("user one two assistant", add_special_tokens=False).input_ids
+
+
+def test_sampling_spec_names():
+    from surgery.data import sampling_spec
+    from surgery.errors import SurgeryError
+    from surgery.prompts import PROMPTS, seed_prompts
+
+    assert sampling_spec("sample") == ("sample", None) and sampling_spec("mix") == ("mix", None)
+    assert sampling_spec("prompted") == ("sample", seed_prompts()) and sampling_spec(None) is None
+    mode, prompts = sampling_spec("mix-prompted:math,science")
+    assert mode == "mix" and prompts == PROMPTS["math"] + PROMPTS["science"]
+    assert sampling_spec("corpus.txt") is None and sampling_spec("wikitext-valid") is None
+    with pytest.raises(SurgeryError, match="mix-prompted:poetry"):
+        sampling_spec("mix-prompted:poetry")
+
+
 def test_stdlib_text_is_deterministic():
     from surgery.data import stdlib_source_text
 
