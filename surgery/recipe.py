@@ -115,6 +115,11 @@ class Recipe:
                 raise SurgeryError(f"recipe {self.name!r}: export names {bad}; choose from {', '.join(FORMATS)}")
         except TypeError as e:
             raise SurgeryError(f"recipe {self.name!r}: {e}") from None
+        for where, data in (("calibration_data", self.calibration_data), ("profile.data", self.profile.get("data"))):
+            try:
+                sampling_spec(data)  # an unknown prompt category fails here, not after the first stages
+            except SurgeryError as e:
+                raise SurgeryError(f"recipe {self.name!r}: {where}: {e}") from None
         extra = set(ec.intermediate_datasets or []) - set(ec.datasets)
         if extra:
             raise SurgeryError(f"recipe {self.name!r}: evaluate.intermediate_datasets names {sorted(extra)}, "

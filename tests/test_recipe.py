@@ -170,6 +170,29 @@ def test_quality_table_from_reports(tmp_path):
     assert bad.exit_code == 2 and "no such folder" in bad.output
 
 
+def test_recipe_with_an_unknown_prompt_category_is_refused_at_load(tmp_path, text_file):
+    src = make_llama(tmp_path / "dense", ffn=96)
+    path = _recipe(tmp_path, src, text_file, calibration_data="mix-prompted:math,poetry")
+    r = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "calibration_data" in r.output and "poetry" in r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_on_prompted_text_samples_answers_once(tmp_path, text_file):
+    """calibration_data: mix-prompted draws one prompted corpus for the run (its own file, beside the unprompted
+    one's name), half of each stage's tokens."""
+    src = make_llama(tmp_path / "dense", ffn=96)
+    path = _recipe(tmp_path, src, text_file, calibration_data="mix-prompted:math", layerwise=None,
+                   e2e={"tokens": 512, "ctx": 64, "batch_size": 2},
+                   evaluate={"ctx": 64, "datasets": {str(text_file): 128}, "stages": ["final"], "snapshots": False})
+    out = tmp_path / "run"
+    report = run_recipe(Recipe.load(path), out, progress=False)
+    files = list(out.glob("prompted_corpus-*.pt"))
+    assert len(files) == 1 and not (out / "sampled_corpus.pt").exists()
+    assert torch.load(files[0], weights_only=True).numel() == 256  # the sampled half of the e2e budget
+    assert report["stages"]["e2e"]["tokens"] == 512
+
+
 def test_recipe_on_sampled_text_draws_one_corpus(tmp_path, text_file):
     src = make_llama(tmp_path / "dense", ffn=96)
     path = _recipe(tmp_path, src, text_file, profile={"data": "sample", "tokens": 256, "ctx": 64, "samples": 128},
