@@ -76,8 +76,9 @@ class EndToEndConfig:
     ctx: int = 256
     batch_size: int = 4
     lr: float = 1e-4
-    # the routers' learning rate is lr times this (a router is a few thousand weights that decide which
-    # experts a token gets; they may want larger steps than the experts they choose between)
+    # the MoE blocks' routers learn at lr times this (a router is a few thousand weights that decide which
+    # experts a token gets; they may want larger steps than the experts they choose between; round 13: x10
+    # was level with x1). Head routers and `surgery extend` pools keep lr.
     router_lr_scale: float = 1.0
     warmup: float = 0.05  # fraction of steps
     temperature: float = 1.0
