@@ -102,13 +102,18 @@ def _prefill_ids(model, batch: int, seq: int, seed: int = 0):
 
 
 @torch.no_grad()
-def prefill_times(model, batch: int, seq: int, cfg: ThroughputConfig) -> list[float]:
-    ids = _prefill_ids(model, batch, seq)
-    return _timed(lambda: _prefill(model, ids), ids.device, cfg)
+def prefill_rounds(models: dict, batch: int, seq: int, cfg: ThroughputConfig) -> dict[str, list[float]]:
+    """{name: seconds of each round} for a batch x seq prefill of every model in `models` ({name: model}, the
+    first one's vocabulary and device giving the tokens, the same for all), in interleaved rounds."""
+    first = next(iter(models.values()))
+    ids = _prefill_ids(first, batch, seq)
+    return interleaved_rounds(models, lambda m: _seconds(lambda: _prefill(m, ids), ids.device), ids.device,
+                              cfg.warmup, cfg.repeats)
 
 
-def prefill_tokens_per_second(model, batch: int, seq: int, cfg: ThroughputConfig) -> float:
-    return batch * seq / _median(prefill_times(model, batch, seq, cfg))
+def prefill_tokens_per_second(models: dict, batch: int, seq: int, cfg: ThroughputConfig) -> dict[str, float]:
+    """{name: median tokens/s} of prefill_rounds."""
+    return {name: batch * seq / _median(t) for name, t in prefill_rounds(models, batch, seq, cfg).items()}
 
 
 @torch.no_grad()
@@ -168,10 +173,7 @@ def long_prefill_rows(models: dict, cfg: ThroughputConfig) -> list[dict]:
                                    cfg.warmup, cfg.repeats)
         rows += [_row(name, "attention", seq, t) for name, t in times.items()]
         del inputs
-        ids = _prefill_ids(first, 1, seq)
-        times = interleaved_rounds(models, lambda m: _seconds(lambda: _prefill(m, ids), device), device,
-                                   cfg.warmup, cfg.repeats)
-        rows += [_row(name, "prefill", seq, t) for name, t in times.items()]
+        rows += [_row(name, "prefill", seq, t) for name, t in prefill_rounds(models, 1, seq, cfg).items()]
     return rows
 
 
@@ -217,9 +219,7 @@ def compare(dense, converted, cfg: ThroughputConfig, label: str, others: dict | 
     graphs = _uses_graphs(cfg.runtime, device)
     rows = []
     for batch, seq in cfg.prefill:
-        ids = _prefill_ids(dense, batch, seq)  # the same tokens for every model
-        times = interleaved_rounds(models, lambda m: _seconds(lambda: _prefill(m, ids), device), device,
-                                   cfg.warmup, cfg.repeats)
+        times = prefill_rounds(models, batch, seq, cfg)  # the same tokens for every model
         rows += [{"model": name, "phase": "prefill", "batch": batch, "seq": seq,
                   "tokens_per_second": round(batch * seq / _median(t), 2),
                   "rounds": [round(batch * seq / x, 2) for x in t]} for name, t in times.items()]

@@ -382,14 +382,14 @@ def _snapshot_curve(ec: EvaluateConfig, state: _State, final_dir: Path, tokenize
 def _prefill_speed(dense, final_dir: Path, device: str) -> dict:
     """Prefill tokens/s (1 x 512) of the dense and the converted model on this machine's real sparse path
     (the CPU inference path, kernels/cpu_moe.py, on a CPU; the Triton kernels on a GPU): a quick figure for the report's table;
-    `surgery bench model` is the full benchmark."""
+    `surgery bench model` is the full benchmark. Measured in interleaved rounds, as the benchmarks are."""
     from surgery.modeling import load_model
     from surgery_evals.throughput import ThroughputConfig, prefill_tokens_per_second
 
     cfg = ThroughputConfig(warmup=1, repeats=3)
     converted = load_model(final_dir, device=device)
-    d = prefill_tokens_per_second(dense, 1, 512, cfg)
-    c = prefill_tokens_per_second(converted, 1, 512, cfg)
+    tps = prefill_tokens_per_second({"dense": dense, "converted": converted}, 1, 512, cfg)
+    d, c = tps["dense"], tps["converted"]
     return {"shape": "1x512 prefill", "dense_tokens_per_s": round(d, 1), "converted_tokens_per_s": round(c, 1),
             "speedup": round(c / d, 3), "impl": "triton" if device == "cuda" else "cpu (PyTorch inference path)"}
 
