@@ -1,5 +1,5 @@
-"""The MoE FFN for CPU inference: the reference's function, computed in the fastest of three ways for the
-number of tokens at hand. Forward only (no autograd): the model takes it on CPU under torch.no_grad() /
+"""The MoE FFN for CPU inference: the reference's function, computed in the fastest of four ways for the
+number of tokens at hand (moe_block: the whole block, routing included, in one call). Forward only (no autograd): the model takes it on CPU under torch.no_grad() /
 inference mode; training, and anything that needs gradients, goes through the reference.
 
 Shape legend: T tokens, D hidden, E experts, F expert width, K top-k, S shared width, U experts in use.
@@ -7,30 +7,34 @@ Shape legend: T tokens, D hidden, E experts, F expert width, K top-k, S shared w
 The weights are packed once per weight version (a copy, ~ the FFN's size again; repacked when a weight is
 changed in place, moved or replaced):
     gate_up_all [2S + E*2F, D]  the shared gate rows, the shared up rows, then each expert's gate rows and
-                                up rows (one matmul gives both; the whole FFN is one matrix)
+                                up rows (one matmul over a run of rows gives both)
     down_all [S + E*F, D]       the shared expert's down projection (transposed), then every routed expert's
 
 Paths (`path=`), all equal to the reference up to float32 rounding:
     "gather"   only the U experts some token selected: their gate/up rows and down columns gathered into one
                small dense SwiGLU that runs on every token, each token's hidden units scaled by its routing
                weight (0 for experts it did not select). Reads only the selected experts' weights: the path
-               for one or a few tokens, where reading weights is the cost. One token with at most
+               for one token, where reading weights is the cost. One token with at most
                ONE_TOKEN_MAX_K experts reads their rows in place instead (no gathered copy).
     "sorted"   tokens sorted by expert; one gate/up matmul per expert on its own tokens (only the selected
                experts' FLOPs); the weighted hidden units scattered into a [T, S + E*F] matrix (zeros
                elsewhere) that goes through ONE down projection, the shared expert's included. The down
                projection is dense, but it replaces K scattered per-expert outputs of width D per token,
                whose accumulation costs more than the FLOPs it saves at these expert widths.
-    "masked"   the whole FFN as one dense SwiGLU (one gate/up matmul, one down), each token's routed hidden
-               units scaled by its routing weights (0 where not selected): a dense model's cost and no more,
-               for batches that use nearly every expert but are too small for "sorted" to pay.
-    "auto"     by T, E and K (choose_path): "gather" for few tokens, "masked" for some, "sorted" for many.
+    "masked"   the experts some token selected, as a few dense SwiGLU products over their packed rows in place
+               (runs of used experts; an unused expert is skipped where that saves a wide enough read), each
+               token's routed hidden units scaled by its routing weights (0 where not selected): at most a
+               dense model's work, for a few tokens up to batches too small for "sorted" to pay.
+    "grouped"  the reference's algorithm on the packed weights (per-expert gate/up and down on the expert's own
+               tokens): for many tokens per expert.
+    "auto"     by T, E and K (choose_path): "gather" for one token, "masked" for some, "sorted", then "grouped"
+               for many.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as Fn
@@ -38,18 +42,24 @@ import torch.nn.functional as Fn
 from .reference import sort_pairs
 
 PATHS = ("auto", "gather", "masked", "sorted", "grouped")
-# "auto": "gather" while the experts some token selected are expected to be at most GATHER_MAX_IN_USE of all
-# (1 - (1 - K/E)^T, for independent tokens), since gathering pays off only while it skips many experts;
-# else "sorted" once it skips enough FLOPs to pay for its per-expert calls and scatter ((1 - K/E) * T at
-# least SORTED_MIN_SKIPPED), else "masked". Fitted to the demo model's two converted shapes (D 576, F 24;
-# E 48 K 16 with S 384, and E 56 K 8 with S 192) on a 2-core AVX2 EPYC, 30 layers of weights, T from 1 to
-# 512 (all paths timed, see README "CPU inference path"); the variables override them.
-GATHER_MAX_IN_USE = float(os.environ.get("SURGERY_CPU_GATHER_MAX_IN_USE", "0.75"))
+# "auto": "gather" for one token (it reads only that token's experts); else "sorted" once it skips enough FLOPs
+# to pay for its per-expert calls and scatter ((1 - K/E) * T at least SORTED_MIN_SKIPPED), else "masked".
+# Round 14 (2-core Xeon, the 30 layers' weights streamed, demo model's E10 K2 of 96 and E13 K1 of 96): the
+# masked path, which reads the used experts' rows in place, beat gathering them into a copy from 2 tokens on
+# (E13 K1 at 2 / 4 / 8 tokens: 10.5 / 17.3 / 25.0 ms against 12.6 / 20.5 / 29.3; E48 K16 of 24: level);
+# earlier rounds fitted the sorted threshold on a 2-core AVX2 EPYC (E 48 K 16 with S 384, and E 56 K 8 with
+# S 192, T from 1 to 512; README "CPU inference path"); the variables override them.
 SORTED_MIN_SKIPPED = float(os.environ.get("SURGERY_CPU_SORTED_MIN_SKIPPED", "48"))
 # Above this many (token, expert) pairs per expert, compute dominates and "grouped" (the reference's
 # algorithm: per-expert gate/up AND down, outputs added back) does less work than "sorted"'s dense down
 # projection; measured end to end on 8 x 512 prefill of the 50% demo model (1.30x dense vs 0.91x).
 GROUPED_MIN_PAIRS = float(os.environ.get("SURGERY_CPU_GROUPED_MIN_PAIRS", "256"))
+# The masked path's gate/up products are cut into pieces of at most this many weight rows: at 4-16 tokens
+# this machine's BLAS ran one [T, 576] x [576, 3072] product 25-30% slower than the same rows in pieces of
+# 512-1,536 (a dense Llama FFN's gate and up are two products of 1,536 rows), 30 layers' weights streamed.
+MAX_ROWS = int(os.environ.get("SURGERY_CPU_MAX_ROWS", "1536"))
+# ... and skip unused experts only where the gap holds at least this many gate/up rows.
+MIN_GAP_ROWS = int(os.environ.get("SURGERY_CPU_MIN_GAP_ROWS", "192"))
 # One token with at most this many experts: "gather" reads the experts' rows in place, one small product pair
 # per expert, instead of gathering them into one copy first (the loop's per-call cost grows with K).
 ONE_TOKEN_MAX_K = int(os.environ.get("SURGERY_CPU_ONE_TOKEN_MAX_K", "4"))
@@ -63,15 +73,21 @@ class Packed:
     shared_width: int
     num_experts: int
     width: int
+    # Views into the two, made once (per-call slicing is Python overhead on the one-token path):
+    expert_gate_up: list = field(default_factory=list)  # E x [2F, D]
+    expert_down: list = field(default_factory=list)  # E x [F, D]
+
+    def __post_init__(self):
+        S, E, F = self.shared_width, self.num_experts, self.width
+        self.expert_gate_up = list(self.gate_up_all[2 * S:].view(E, 2 * F, -1).unbind(0))
+        self.expert_down = list(self.down_all[S:].view(E, F, -1).unbind(0))
+        self.shared_gate_up = self.gate_up_all[:2 * S] if S else None  # [2S, D]
+        self.shared_down = self.down_all[:S] if S else None  # [S, D]
 
     @property
     def gate_up(self) -> torch.Tensor:  # [E, 2F, D]
         S, E, F = self.shared_width, self.num_experts, self.width
         return self.gate_up_all[2 * S:].view(E, 2 * F, -1)
-
-    @property
-    def shared_gate_up(self) -> torch.Tensor | None:  # [2S, D]
-        return self.gate_up_all[:2 * self.shared_width] if self.shared_width else None
 
 
 _ATTR = "_surgery_cpu_packed"  # the packed copy lives on the gate tensor, and goes when it goes
@@ -79,17 +95,20 @@ _ATTR = "_surgery_cpu_packed"  # the packed copy lives on the gate tensor, and g
 
 def _key(tensors) -> tuple:
     # A move or a dtype change gives new storage (a new data_ptr); in-place changes bump _version.
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    return tuple([(t.data_ptr(), t._version) for t in tensors])
 
 
-@torch.no_grad()
 def pack(gate_EFD, up_EFD, down_EDF, shared=None) -> Packed:
     """The packed weights for these tensors, built once and reused while none of them changes."""
-    sources = (gate_EFD, up_EFD, down_EDF) + tuple(shared or ())
-    key = _key(sources)
+    key = _key((gate_EFD, up_EFD, down_EDF) + tuple(shared or ()))
     hit = getattr(gate_EFD, _ATTR, None)
     if hit is not None and hit.key == key:
         return hit
+    with torch.no_grad():
+        return _pack(key, gate_EFD, up_EFD, down_EDF, shared)
+
+
+def _pack(key, gate_EFD, up_EFD, down_EDF, shared) -> Packed:
     E, F, D = gate_EFD.shape
     routed = torch.cat([gate_EFD, up_EFD], dim=1).reshape(E * 2 * F, D)
     down_r = down_EDF.transpose(1, 2).reshape(E * F, D)
@@ -108,9 +127,9 @@ def pack(gate_EFD, up_EFD, down_EDF, shared=None) -> Packed:
 def choose_path(T: int, E: int, K: int) -> str:
     if K >= E:  # every token runs every expert (e.g. E1 K1: a head-experts model's dense FFN): dense work
         return "masked"
-    skipped = 1 - K / E  # the fraction of routed experts a token does not run
-    if 1 - skipped ** T <= GATHER_MAX_IN_USE:
+    if T == 1:
         return "gather"
+    skipped = 1 - K / E  # the fraction of routed experts a token does not run
     if T * K / E >= GROUPED_MIN_PAIRS:
         return "grouped"
     return "sorted" if skipped * T >= SORTED_MIN_SKIPPED else "masked"
@@ -119,6 +138,10 @@ def choose_path(T: int, E: int, K: int) -> str:
 @torch.no_grad()
 def route(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax", renormalize: bool = True,
           scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return _route(logits_TE, top_k, score_func, renormalize, scale)
+
+
+def _route(logits_TE, top_k, score_func="softmax", renormalize=True, scale=1.0):
     """reference.route in fewer operations where that is exact in real arithmetic: with softmax scores
     renormalised over the top k, the weights are a softmax over the k largest logits (softmax is monotone,
     so the same experts are chosen). Other settings take the reference."""
@@ -145,10 +168,27 @@ def moe_ffn(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, do
     """y[t] = sum_k weights[t,k] * expert_{ids[t,k]}(x[t]) (+ shared SwiGLU(x[t])), in x's dtype."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
-    p = pack(gate_EFD, up_EFD, down_EDF, shared)
-    T, K = ids_TK.shape
+    return _ffn(x_TD, pack(gate_EFD, up_EFD, down_EDF, shared), weights_TK, ids_TK, path)
+
+
+def moe_block(x_TD: torch.Tensor, router_ED: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor,
+              down_EDF: torch.Tensor, shared, top_k: int, score_func: str = "softmax", renormalize: bool = True,
+              scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole MoE block in one call: float32 router logits, routing, then moe_ffn's "auto" path. Returns
+    (y [T, D] in x's dtype, logits [T, E] float32). For a caller already under no_grad with autocast off
+    (surgery.moe.MoEBlock on CPU): at one token the dispatch layers it skips (ops.route, ops.moe_ffn and
+    their checks) cost a third as much again as the FFN's own work (30 layers, 2-core Xeon)."""
+    if x_TD.dtype == router_ED.dtype == torch.float32:
+        logits_TE = Fn.linear(x_TD, router_ED)
+    else:
+        logits_TE = Fn.linear(x_TD.float(), router_ED.float())
+    weights_TK, ids_TK = _route(logits_TE, top_k, score_func, renormalize, scale)
+    return _ffn(x_TD, pack(gate_EFD, up_EFD, down_EDF, shared), weights_TK, ids_TK, "auto"), logits_TE
+
+
+def _ffn(x_TD, p: Packed, weights_TK, ids_TK, path):
     if path == "auto":
-        path = choose_path(T, p.num_experts, K)
+        path = choose_path(ids_TK.shape[0], p.num_experts, ids_TK.shape[1])
     if path == "gather":
         return _gather(x_TD, p, weights_TK, ids_TK)
     if path == "masked":
@@ -167,7 +207,7 @@ def _grouped(x_TD, p: Packed, weights_TK, ids_TK):
     weight_of = weights_TK.reshape(-1)[order, None].to(x_TD.dtype)
     down_EFD = p.down_all[S:].view(E, F, D)
     if p.shared_gate_up is not None:
-        out = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.down_all[:S]
+        out = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.shared_down
     else:
         out = x_TD.new_zeros(T, D)
     start = 0
@@ -182,18 +222,62 @@ def _grouped(x_TD, p: Packed, weights_TK, ids_TK):
 
 
 def _masked(x_TD, p: Packed, weights_TK, ids_TK):
+    """The experts some token selected as a few dense products over their contiguous packed rows (unused
+    experts' rows are not read where they leave a wide enough gap), each token's hidden units scaled by its
+    routing weight (0 for an expert it did not select)."""
     T, D = x_TD.shape
     E, F, S = p.num_experts, p.width, p.shared_width
-    h = Fn.linear(x_TD, p.gate_up_all)  # the whole FFN's gate and up in one matmul, as a dense model would
-    act = x_TD.new_empty(T, S + E * F)
-    if S:
-        torch.mul(Fn.silu(h[:, :S]), h[:, S:2 * S], out=act[:, :S])
-    hr = h[:, 2 * S:].view(T, E, 2, F)
-    routed = act[:, S:].view(T, E, F)
-    torch.mul(Fn.silu(hr[:, :, 0]), hr[:, :, 1], out=routed)
-    scale = x_TD.new_zeros(T, E).scatter_(1, ids_TK, weights_TK.to(x_TD.dtype))
-    routed.mul_(scale[:, :, None])
-    return act @ p.down_all
+    scale_TE = x_TD.new_zeros(T, E).scatter_(1, ids_TK, weights_TK.to(x_TD.dtype))
+    used = torch.zeros(E, dtype=torch.bool, device=x_TD.device)
+    used[ids_TK.reshape(-1)] = True
+    y = _shared(x_TD, p) if S else x_TD.new_zeros(T, D)
+    for e0, e1 in spans(used.tolist(), 2 * F):
+        n = e1 - e0
+        h = Fn.linear(x_TD, p.gate_up_all[2 * S + e0 * 2 * F:2 * S + e1 * 2 * F]).view(T, n, 2, F)
+        act = Fn.silu(h[:, :, 0]).mul_(h[:, :, 1]).mul_(scale_TE[:, e0:e1, None])
+        y.addmm_(act.view(T, n * F), p.down_all[S + e0 * F:S + e1 * F])
+    return y
+
+
+def _shared(x_TD, p: Packed):
+    """The shared expert's SwiGLU; gate and up as two products where one would exceed MAX_ROWS rows."""
+    S = p.shared_width
+    if 2 * S <= MAX_ROWS:
+        return _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.shared_down
+    gu = p.shared_gate_up
+    return Fn.silu(Fn.linear(x_TD, gu[:S])).mul_(Fn.linear(x_TD, gu[S:])) @ p.shared_down
+
+
+def spans(used: list, rows_per_expert: int) -> list[tuple[int, int]]:
+    """The [e0, e1) runs of experts the masked path computes: the used ones, joined across gaps of fewer than
+    MIN_GAP_ROWS gate/up rows (reading those costs less than another product call), cut into near-equal
+    pieces of at most MAX_ROWS rows."""
+    min_gap = -(-MIN_GAP_ROWS // rows_per_expert)  # in experts
+    runs, E, e = [], len(used), 0
+    while e < E:
+        if not used[e]:
+            e += 1
+            continue
+        end = e + 1
+        while end < E:
+            nxt = end
+            while nxt < E and not used[nxt]:
+                nxt += 1
+            if nxt == end:  # used: extend
+                end += 1
+            elif nxt < E and nxt - end < min_gap:  # a narrow gap before more used experts: read through it
+                end = nxt
+            else:
+                break
+        runs.append((e, end))
+        e = end
+    per = max(1, MAX_ROWS // rows_per_expert)
+    out = []
+    for a, b in runs:
+        pieces = -(-(b - a) // per)
+        size = -(-(b - a) // pieces)
+        out += [(i, min(i + size, b)) for i in range(a, b, size)]
+    return out
 
 
 def _gather(x_TD, p: Packed, weights_TK, ids_TK):
@@ -218,21 +302,19 @@ def _gather(x_TD, p: Packed, weights_TK, ids_TK):
     down_U = p.down_all[S:].view(E, F, D).index_select(0, experts_U).view(U * F, D)
     y = h.view(T, U * F) @ down_U
     if p.shared_gate_up is not None:
-        y.addmm_(_swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)), p.down_all[:S])
+        y.addmm_(_swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)), p.shared_down)
     return y
 
 
 def _one_token(x_TD, p: Packed, weights_TK, ids_TK):
     """One token, few experts: each selected expert's rows read where they are packed (views), no gathered
     copy. At one token the products are matrix-vector and read each weight once, so a gathered copy (read,
-    write, read again) costs about as much as the products it feeds."""
-    S, F = p.shared_width, p.width
-    w = weights_TK.to(x_TD.dtype)
-    y = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.down_all[:S] if S else None
-    for k, e in enumerate(ids_TK[0].tolist()):
-        h = _swiglu_halves(Fn.linear(x_TD, p.gate_up[e])).mul_(w[:, k:k + 1])
-        down = p.down_all[S + e * F:S + (e + 1) * F]
-        y = h @ down if y is None else y.addmm_(h, down)
+    write, read again) costs about as much as the products it feeds. The routing weight scales each expert's
+    product (addmm's alpha), one operation fewer per expert than scaling its hidden units."""
+    y = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.shared_down if p.shared_width else None
+    for e, w in zip(ids_TK[0].tolist(), weights_TK[0].tolist()):
+        h = _swiglu_halves(Fn.linear(x_TD, p.expert_gate_up[e]))
+        y = torch.mm(h, p.expert_down[e]).mul_(w) if y is None else y.addmm_(h, p.expert_down[e], alpha=w)
     return y
 
 

@@ -103,6 +103,14 @@ class MoEBlock(nn.Module):
         x_TD = x.reshape(-1, self.hidden)
         if self.dense_routing:
             y_TD = self._dense(x_TD)
+        elif self._cpu_inference(x_TD):
+            from surgery_kernels import cpu_moe
+
+            r, e = self.routing, self.experts
+            shared = self.shared_expert.weights() if self.shared_expert is not None else None
+            y_TD, self.last_router_logits = cpu_moe.moe_block(
+                x_TD, self.router.weight, e.gate_proj, e.up_proj, e.down_proj, shared, r.top_k, r.score_func,
+                r.renormalize, r.scale)
         else:
             from surgery_kernels import ops
 
@@ -120,6 +128,13 @@ class MoEBlock(nn.Module):
                 for pool in self.extensions:
                     y_TD = y_TD + pool(x_TD, self.impl)
         return y_TD.reshape(shape)
+
+    def _cpu_inference(self, x_TD: torch.Tensor) -> bool:
+        """Inference on CPU, eager, autocast off, nothing but the block's own routing: routing and FFN in one
+        call to the CPU path (what ops.route + ops.moe_ffn would choose, without their dispatch)."""
+        return (not torch.is_grad_enabled() and x_TD.device.type == "cpu" and self.impl in ("auto", "cpu")
+                and not self.unit_mix and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and not (self.extensions_on and len(self.extensions)))
 
     def _dense(self, x_TD: torch.Tensor) -> torch.Tensor:
         """All experts as one dense SwiGLU: concatenating the experts undoes the split."""

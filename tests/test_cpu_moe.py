@@ -66,6 +66,41 @@ def test_paths_equal_the_reference(T, E, F, D, S, K, widths, path):
     torch.testing.assert_close(out, ref, **TOL)
 
 
+def test_spans_join_narrow_gaps_and_cut_long_runs(monkeypatch):
+    monkeypatch.setattr(cpu_moe, "MAX_ROWS", 1024)
+    monkeypatch.setattr(cpu_moe, "MIN_GAP_ROWS", 192)
+    # experts of 192 gate/up rows: any unused expert is a gap worth skipping; runs of at most 5 experts
+    assert cpu_moe.spans([True] * 10, 192) == [(0, 5), (5, 10)]
+    assert cpu_moe.spans([1, 1, 0, 1, 1, 1, 0, 0, 1, 1], 192) == [(0, 2), (3, 6), (8, 10)]
+    assert cpu_moe.spans([0, 0, 1], 192) == [(2, 3)]
+    assert cpu_moe.spans([0, 0, 0], 192) == []
+    # experts of 48 rows: gaps of fewer than 4 experts are read through, never a trailing or leading one
+    assert cpu_moe.spans([0, 1, 0, 1, 0, 0, 1, 0], 48) == [(1, 7)]
+    assert cpu_moe.spans([1, 0, 0, 0, 0, 1], 48) == [(0, 1), (5, 6)]
+    # 48 experts of 48 rows: 2,304 rows in 3 near-equal pieces of at most 1,024
+    assert cpu_moe.spans([True] * 48, 48) == [(0, 16), (16, 32), (32, 48)]
+    # every used expert is covered exactly once
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        used = (torch.rand(20, generator=g) < 0.6).tolist()
+        cover = [e for a, b in cpu_moe.spans(used, 64) for e in range(a, b)]
+        assert len(cover) == len(set(cover)) and {e for e, u in enumerate(used) if u} <= set(cover)
+
+
+@pytest.mark.parametrize("max_rows,min_gap", [(64, 1), (100000, 100000), (16, 40)])
+def test_masked_path_with_gaps_and_pieces_equals_the_reference(monkeypatch, max_rows, min_gap):
+    """The masked path cut into pieces of a few experts and skipping every gap, or in one piece reading
+    through every gap: the same function."""
+    monkeypatch.setattr(cpu_moe, "MAX_ROWS", max_rows)
+    monkeypatch.setattr(cpu_moe, "MIN_GAP_ROWS", min_gap)
+    gate, up, down, shared = make(12, 8, 32, 40)
+    for T, K in ((3, 2), (9, 1), (16, 3)):
+        w, ids = routing(T, 12, K, seed=T)
+        x = torch.randn(T, 32, generator=torch.Generator().manual_seed(T))
+        torch.testing.assert_close(cpu_moe.moe_ffn(x, gate, up, down, w, ids, shared, path="masked"),
+                                   reference.moe_ffn(x, gate, up, down, w, ids, shared), **TOL)
+
+
 def test_auto_goes_from_gather_to_grouped_as_tokens_grow():
     order = ["gather", "masked", "sorted", "grouped"]
     for E, K in ((48, 16), (56, 8), (8, 2)):
@@ -125,11 +160,24 @@ def test_converted_model_logits_match_the_reference_path(tiny_llama, tmp_path):
     convert(tiny_llama, tmp_path / "moe", ConvertConfig(experts=4, top_k=2, shared_experts=1), progress=False)
     model = surgery.load(tmp_path / "moe")
     ids = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = cpu_moe.moe_block
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_moe, "moe_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with torch.no_grad():
+            fast = model(input_ids=ids).logits
+            fast_one = model(input_ids=ids[:1, :1]).logits  # one token: the gather path
+        blocks = [m for m in model.modules() if hasattr(m, "last_router_logits")]
+        assert len(calls) == 2 * len(blocks)  # every block took the one-call inference path, twice
+        assert all(b.last_router_logits is not None for b in blocks)  # kept for expert_load and the losses
+        model(input_ids=ids[:1, :4])  # autograd on: the differentiable path, not the inference one
+        assert len(calls) == 2 * len(blocks)
     with torch.no_grad():
-        fast = model(input_ids=ids).logits
         set_impl(model, "reference")
         ref = model(input_ids=ids).logits
+        ref_one = model(input_ids=ids[:1, :1]).logits
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast_one, ref_one, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("score_func,renormalize,scale", [("softmax", True, 1.0), ("softmax", True, 16.0),
