@@ -38,16 +38,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _static_cache(model, batch: int, length: int, device, dtype):
-    """transformers' StaticCache: 5.x sizes itself lazily; 4.x wants batch, device and dtype up front."""
-    from transformers import StaticCache
-
-    try:
-        return StaticCache(config=model.config, max_cache_len=length)
-    except TypeError:
-        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)
-
-
 def _timed(run, device, cfg: ThroughputConfig) -> list[float]:
     """Seconds of each of cfg.repeats calls of run(), after cfg.warmup untimed ones (interleaved_rounds of one)."""
     return interleaved_rounds({"": run}, lambda r: _seconds(r, device), device, cfg.warmup, cfg.repeats)[""]
@@ -182,7 +172,7 @@ def greedy_decode(model, prompt: torch.Tensor, steps: int, runtime: str = "auto"
     """Prefill `prompt` into a static KV cache, then `warmup + steps` greedy one-token decode steps.
     Returns (tokens [B, 1 + warmup + steps], seconds taken by the last `steps` steps). The warmup steps
     (compilation and CUDA-graph capture) are generated but not timed."""
-    from surgery.kvcache import with_cache
+    from surgery.kvcache import static_cache, with_cache
 
     device = prompt.device
     dtype = next(model.parameters()).dtype
@@ -193,7 +183,7 @@ def greedy_decode(model, prompt: torch.Tensor, steps: int, runtime: str = "auto"
         return model(input_ids=tok, cache_position=pos, use_cache=True, **with_cache(model, cache)).logits[:, -1]
 
     run_step = torch.compile(step, mode="reduce-overhead", dynamic=False) if graphs else step
-    cache = _static_cache(model, batch, prompt_len + 1 + warmup + steps, device, dtype)
+    cache = static_cache(model, batch, prompt_len + 1 + warmup + steps, device, dtype)
     logits = model(input_ids=prompt, cache_position=torch.arange(prompt_len, device=device), use_cache=True,
                    **with_cache(model, cache)).logits[:, -1]
     out = [logits.argmax(-1, keepdim=True)]

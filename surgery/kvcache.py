@@ -41,3 +41,14 @@ def returned_cache(output):
         if value is not None:
             return value
     return None
+
+
+def static_cache(model, batch: int, length: int, device, dtype):
+    """transformers' StaticCache of `length` positions: 5.x sizes itself lazily; 4.x wants batch, device and
+    dtype up front."""
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:
+        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)

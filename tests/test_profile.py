@@ -118,6 +118,48 @@ def test_prompted_sampling_pads_without_changing_an_answer(tiny_llama):
     assert a.shape == (50,) and torch.equal(a, b)
 
 
+def test_sampling_answer_equals_generate_greedy(tiny_llama):
+    """The sampler's static KV cache: with (near-)greedy draws its answer to a prompt is transformers'
+    generate(do_sample=False) continuation of the same prompt ids."""
+    from surgery.data import _prompt_ids, sample_corpus
+    from surgery.modeling import load_tokenizer
+
+    model, tok = surgery.load(tiny_llama), load_tokenizer(tiny_llama)
+    prompt = "one two three"
+    got = sample_corpus(model, tok, 9, seq_len=9, batch_size=1, prompts=[prompt], seed=0, progress=False,
+                        bf16=False, temperature=1e-6, top_p=0.5)
+    ids = torch.tensor([_prompt_ids(tok, prompt)])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
+                             min_new_tokens=9, pad_token_id=0)[0, ids.shape[1]:]
+    assert torch.equal(got, ref)
+
+
+def test_draw_looks_past_the_first_candidates_only_where_the_nucleus_does():
+    """_draw takes the top FIRST_CANDIDATES tokens first and all `candidates` only for rows whose nucleus
+    reaches past them: the same draws as taking all `candidates` for every row (logits without ties)."""
+    from surgery import data
+
+    g = torch.Generator().manual_seed(0)
+    sharp = torch.linspace(0.2, 12.0, 96)[:, None]  # flat rows (nucleus of thousands) to peaked ones (a few)
+    logits = torch.randn(96, 5000, generator=g) * sharp
+
+    def all_at_once(lg, gen, temperature, top_p, candidates):
+        top, si = lg.topk(candidates, -1)
+        sp = torch.exp(top - torch.logsumexp(lg, -1, keepdim=True))
+        sp = sp * (sp.cumsum(-1) - sp < top_p)
+        return si.gather(1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen))
+
+    for top_p, candidates in ((0.95, 1024), (0.5, 300), (0.99, 2000)):
+        first = torch.exp(logits.topk(data.FIRST_CANDIDATES, -1).values - torch.logsumexp(logits, -1, keepdim=True))
+        wide = int((first.sum(-1) < top_p).sum())
+        assert 0 < wide < 96  # both kinds of row are exercised
+        for seed in range(3):
+            new = data._draw(logits, torch.Generator().manual_seed(seed), 1.0, top_p, candidates)
+            ref = all_at_once(logits, torch.Generator().manual_seed(seed), 1.0, top_p, candidates)
+            assert torch.equal(new, ref)
+
+
 def test_prompted_sampling_uses_the_chat_template(tiny_llama):
     from surgery.data import _prompt_ids
     from surgery.modeling import load_tokenizer
