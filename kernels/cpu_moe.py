@@ -1,6 +1,7 @@
 """The MoE FFN for CPU inference: the reference's function, computed in the fastest of four ways for the
-number of tokens at hand (moe_block: the whole block, routing included, in one call). Forward only (no autograd): the model takes it on CPU under torch.no_grad() /
-inference mode; training, and anything that needs gradients, goes through the reference.
+number of tokens at hand (moe_block: the whole block, routing included, in one call). Forward only (no
+autograd): the model takes it on CPU under torch.no_grad() / inference mode; training, and anything that needs
+gradients, goes through the reference.
 
 Shape legend: T tokens, D hidden, E experts, F expert width, K top-k, S shared width, U experts in use.
 
@@ -74,15 +75,17 @@ class Packed:
     num_experts: int
     width: int
     # Views into the two, made once (per-call slicing is Python overhead on the one-token path):
-    expert_gate_up: list = field(default_factory=list)  # E x [2F, D]
-    expert_down: list = field(default_factory=list)  # E x [F, D]
+    expert_gate_up: list = field(init=False)  # E x [2F, D]
+    expert_down: list = field(init=False)  # E x [F, D]
+    shared_gate_up: torch.Tensor | None = field(init=False)  # [2S, D]
+    shared_down: torch.Tensor | None = field(init=False)  # [S, D]
 
     def __post_init__(self):
         S, E, F = self.shared_width, self.num_experts, self.width
         self.expert_gate_up = list(self.gate_up_all[2 * S:].view(E, 2 * F, -1).unbind(0))
         self.expert_down = list(self.down_all[S:].view(E, F, -1).unbind(0))
-        self.shared_gate_up = self.gate_up_all[:2 * S] if S else None  # [2S, D]
-        self.shared_down = self.down_all[:S] if S else None  # [S, D]
+        self.shared_gate_up = self.gate_up_all[:2 * S] if S else None
+        self.shared_down = self.down_all[:S] if S else None
 
     @property
     def gate_up(self) -> torch.Tensor:  # [E, 2F, D]
@@ -138,13 +141,14 @@ def choose_path(T: int, E: int, K: int) -> str:
 @torch.no_grad()
 def route(logits_TE: torch.Tensor, top_k: int, score_func: str = "softmax", renormalize: bool = True,
           scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.route in fewer operations where that is exact in real arithmetic: with softmax scores
+    renormalised over the top k, the weights are a softmax over the k largest logits (softmax is monotone,
+    so the same experts are chosen). Other settings take the reference."""
     return _route(logits_TE, top_k, score_func, renormalize, scale)
 
 
 def _route(logits_TE, top_k, score_func="softmax", renormalize=True, scale=1.0):
-    """reference.route in fewer operations where that is exact in real arithmetic: with softmax scores
-    renormalised over the top k, the weights are a softmax over the k largest logits (softmax is monotone,
-    so the same experts are chosen). Other settings take the reference."""
+    """route without the no_grad wrapper (for moe_block, whose caller has autograd off already)."""
     from . import reference
 
     if score_func != "softmax" or not renormalize:
