@@ -75,6 +75,8 @@ class Packed:
     num_experts: int
     width: int
     # Views into the two, made once (per-call slicing is Python overhead on the one-token path):
+    gate_up: torch.Tensor = field(init=False)  # [E, 2F, D]
+    down: torch.Tensor = field(init=False)  # [E, F, D]
     expert_gate_up: list = field(init=False)  # E x [2F, D]
     expert_down: list = field(init=False)  # E x [F, D]
     shared_gate_up: torch.Tensor | None = field(init=False)  # [2S, D]
@@ -82,15 +84,11 @@ class Packed:
 
     def __post_init__(self):
         S, E, F = self.shared_width, self.num_experts, self.width
-        self.expert_gate_up = list(self.gate_up_all[2 * S:].view(E, 2 * F, -1).unbind(0))
-        self.expert_down = list(self.down_all[S:].view(E, F, -1).unbind(0))
+        self.gate_up = self.gate_up_all[2 * S:].view(E, 2 * F, -1)
+        self.down = self.down_all[S:].view(E, F, -1)
+        self.expert_gate_up, self.expert_down = list(self.gate_up.unbind(0)), list(self.down.unbind(0))
         self.shared_gate_up = self.gate_up_all[:2 * S] if S else None
         self.shared_down = self.down_all[:S] if S else None
-
-    @property
-    def gate_up(self) -> torch.Tensor:  # [E, 2F, D]
-        S, E, F = self.shared_width, self.num_experts, self.width
-        return self.gate_up_all[2 * S:].view(E, 2 * F, -1)
 
 
 _ATTR = "_surgery_cpu_packed"  # the packed copy lives on the gate tensor, and goes when it goes
@@ -206,21 +204,17 @@ def _grouped(x_TD, p: Packed, weights_TK, ids_TK):
     """The reference's algorithm on the packed weights: each expert's gate/up and down on its own tokens,
     weighted outputs added back per token."""
     T, D = x_TD.shape
-    E, F, S = p.num_experts, p.width, p.shared_width
+    E, S = p.num_experts, p.shared_width
     order, token_of, counts = sort_pairs(ids_TK, E)  # one host sync per layer
     weight_of = weights_TK.reshape(-1)[order, None].to(x_TD.dtype)
-    down_EFD = p.down_all[S:].view(E, F, D)
-    if p.shared_gate_up is not None:
-        out = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.shared_down
-    else:
-        out = x_TD.new_zeros(T, D)
+    out = _shared(x_TD, p) if S else x_TD.new_zeros(T, D)
     start = 0
     for e, n in enumerate(counts):
         if n:
             tokens = token_of[start:start + n]
             act = _swiglu_halves(Fn.linear(x_TD.index_select(0, tokens), p.gate_up[e]))
             act.mul_(weight_of[start:start + n])
-            out.index_add_(0, tokens, act @ down_EFD[e])
+            out.index_add_(0, tokens, act @ p.down[e])
             start += n
     return out
 
@@ -286,7 +280,7 @@ def spans(used: list, rows_per_expert: int) -> list[tuple[int, int]]:
 
 def _gather(x_TD, p: Packed, weights_TK, ids_TK):
     T, D = x_TD.shape
-    E, F, S = p.num_experts, p.width, p.shared_width
+    E, F = p.num_experts, p.width
     if T == 1 and ids_TK.shape[1] <= ONE_TOKEN_MAX_K:
         return _one_token(x_TD, p, weights_TK, ids_TK)
     if T == 1:  # one token (batch-1 decode): its K experts are distinct, in any order
@@ -303,7 +297,7 @@ def _gather(x_TD, p: Packed, weights_TK, ids_TK):
     gate_up = p.gate_up.index_select(0, experts_U).view(U * 2 * F, D)
     h = _swiglu_halves(Fn.linear(x_TD, gate_up).view(T, U, 2 * F))  # [T, U, F]
     h.mul_(w_TU[:, :, None])
-    down_U = p.down_all[S:].view(E, F, D).index_select(0, experts_U).view(U * F, D)
+    down_U = p.down.index_select(0, experts_U).view(U * F, D)
     y = h.view(T, U * F) @ down_U
     if p.shared_gate_up is not None:
         y.addmm_(_swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)), p.shared_down)
@@ -315,7 +309,7 @@ def _one_token(x_TD, p: Packed, weights_TK, ids_TK):
     copy. At one token the products are matrix-vector and read each weight once, so a gathered copy (read,
     write, read again) costs about as much as the products it feeds. The routing weight scales each expert's
     product (addmm's alpha), one operation fewer per expert than scaling its hidden units."""
-    y = _swiglu_halves(Fn.linear(x_TD, p.shared_gate_up)) @ p.shared_down if p.shared_width else None
+    y = _shared(x_TD, p) if p.shared_width else None
     for e, w in zip(ids_TK[0].tolist(), weights_TK[0].tolist()):
         h = _swiglu_halves(Fn.linear(x_TD, p.expert_gate_up[e]))
         y = torch.mm(h, p.expert_down[e]).mul_(w) if y is None else y.addmm_(h, p.expert_down[e], alpha=w)
