@@ -82,6 +82,12 @@ class EndToEndConfig:
     router_lr_scale: float = 1.0
     warmup: float = 0.05  # fraction of steps
     temperature: float = 1.0
+    # the student's next-token cross-entropy on the calibration text, added to the KD loss with this weight
+    # (0: distillation only)
+    ce_weight: float = 0.0
+    # Tail averaging: the weights the stage ends with are the uniform mean of those after each of the last
+    # `average_tail` fraction of steps (0: the last step's). Single process; a resumed run restarts the mean.
+    average_tail: float = 0.0
     train: str = "moe"  # "moe": routers + experts + shared experts; "router": routers only;
     # "all": every decoder-layer weight (attention and norms too), never the embeddings; "lora": as "moe",
     # plus peft LoRA adapters on the attention projections (surgery/lora.py), merged in when the stage ends
@@ -434,6 +440,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 p.requires_grad_(True)
                 params.append(p)
     if dist is not None:
+        if cfg.average_tail:
+            raise SurgeryError("e2e.average_tail: not under torchrun (the mean is kept per process)")
         if cfg.router_lr_scale != 1.0:
             raise SurgeryError("e2e.router_lr_scale: not under torchrun (the sharded parameters are one group)")
         dist.check_batch(cfg.batch_size)
@@ -478,6 +486,10 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     # the chunked KD from final hidden states (single process): never [T, V] logits under autograd
     heads_w = _frozen_lm_heads(student, teacher, prec.head_dtype) if dist is None and cfg.chunked_kd else None
     t_model = copy.deepcopy(teacher).to(prec.teacher_dtype) if prec.teacher_dtype is not None else teacher
+    if not 0 <= cfg.average_tail <= 1:
+        raise SurgeryError(f"e2e.average_tail {cfg.average_tail}: a fraction of the steps, in [0, 1]")
+    tail_from = steps - max(1, round(cfg.average_tail * steps)) if cfg.average_tail else steps
+    tail_mean, tail_n = None, 0
     snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
     student.train(False)  # no dropout in Llama; keep eval semantics
     ema_ce, ema_kd = None, None
@@ -502,9 +514,13 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 labels = torch.cat([mine[:, 1:], torch.full_like(mine[:, :1], -100)], 1).reshape(-1)
                 loss, ce_t = losses.kd_from_hidden(s_out.last_hidden_state.reshape(-1, D),
                                                    t_out.last_hidden_state.reshape(-1, D), *heads_w, labels,
-                                                   cfg.temperature)
+                                                   cfg.temperature, ce_grad=bool(cfg.ce_weight))
+                loss_ce = cfg.ce_weight * ce_t if cfg.ce_weight else 0.0
             else:
                 loss = losses.kd(s_out.logits, t_out.logits, cfg.temperature)
+                V = s_out.logits.shape[-1]
+                loss_ce = cfg.ce_weight * torch.nn.functional.cross_entropy(
+                    s_out.logits[:, :-1].float().reshape(-1, V), mine[:, 1:].reshape(-1)) if cfg.ce_weight else 0.0
             if cfg.hidden:  # [1:]: the embeddings are never trained, so index 0 is the same on both sides
                 hid = losses.hidden_distill(s_out.hidden_states[1:], t_out.hidden_states[1:])
                 loss_h = cfg.hidden * hid
@@ -514,12 +530,21 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
             if heads:
                 aux = aux + head_cal.head_aux(heads, cfg.head_balance, cfg.head_concentration)
-            total = loss + aux + loss_h
+            total = loss + aux + loss_h + loss_ce
             opt.zero_grad(set_to_none=True)
             total.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if step >= tail_from:  # running uniform mean of the last steps' weights
+                tail_n += 1
+                if tail_mean is None:
+                    tail_mean = [p.detach().clone() for p in params]
+                else:
+                    torch._foreach_lerp_(tail_mean, [p.detach() for p in params], 1.0 / tail_n)
+                if step + 1 == steps:  # before the last checkpoint, so that it holds the mean
+                    with torch.no_grad():
+                        torch._foreach_copy_([p.data for p in params], tail_mean)
             if on_step is not None:
                 on_step()
             for b in blocks:

@@ -16,8 +16,9 @@ Output losses:
                       the squared FFN output in layers 11 and 28), the per-token error alone lets those drift.
   * hidden_distill    block_error between student and teacher hidden states, averaged over layers (e2e).
   * kd                KL(teacher || student) on logits at temperature tau, times tau^2 (end-to-end).
-  * kd_from_hidden    the same KL (and the student's next-token cross-entropy) from the final hidden states
-                      and frozen lm_head weights, in row chunks, never holding [T, V] logits for autograd.
+  * kd_from_hidden    the same KL (and the student's next-token cross-entropy, optionally differentiable) from
+                      the final hidden states and frozen lm_head weights, in row chunks, never holding [T, V]
+                      logits for autograd.
 """
 
 from __future__ import annotations
@@ -85,9 +86,13 @@ class _ChunkedVocabKD(torch.autograd.Function):
     autograd) was a third of an end-to-end step."""
 
     @staticmethod
-    def forward(ctx, h_s, h_t, ws, wt, labels, temperature, chunk):
+    def forward(ctx, h_s, h_t, ws, wt, labels, temperature, chunk, ce_grad):
         N, mm_dtype = h_s.shape[0], ws.dtype
         grad = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device)
+        # ce_grad: the cross-entropy's gradient too ((softmax(s) - onehot) / n_valid, times lm_head), for a
+        # loss that mixes it in; otherwise ce is a metric
+        grad_ce = torch.zeros_like(grad) if ce_grad else None
+        n_all = int((labels >= 0).sum())
         kd_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
         ce_n = 0
@@ -101,6 +106,9 @@ class _ChunkedVocabKD(torch.autograd.Function):
             if n_valid:
                 ce_sum -= raw[valid].gather(1, lab[valid, None]).sum()
                 ce_n += n_valid
+            if ce_grad and n_valid:
+                gc = raw[valid].exp().sub_(Fn.one_hot(lab[valid], raw.shape[-1]).to(raw.dtype))
+                grad_ce[i:i + chunk][valid] = Fn.linear(gc.to(mm_dtype), ws.t()).float() / n_all
             ls = raw if temperature == 1 else torch.log_softmax(s.div_(temperature), -1)
             lt = torch.log_softmax(t if temperature == 1 else t.div_(temperature), -1)
             pt = lt.exp()
@@ -108,30 +116,36 @@ class _ChunkedVocabKD(torch.autograd.Function):
             g = ls.exp_().sub_(pt)  # softmax(s / tau) - softmax(t / tau), in place of ls
             grad[i:i + chunk] = Fn.linear(g.to(mm_dtype), ws.t()).float()
         grad.mul_(temperature / N)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, grad_ce)
         ctx.h_dtype = h_s.dtype
         kd = (kd_sum * temperature ** 2 / N).float()
         ce = (ce_sum / max(ce_n, 1)).float()
-        ctx.mark_non_differentiable(ce)
+        if not ce_grad:
+            ctx.mark_non_differentiable(ce)
         return kd, ce
 
     @staticmethod
     def backward(ctx, g_kd, g_ce):
-        (grad,) = ctx.saved_tensors
-        return (grad * g_kd).to(ctx.h_dtype), None, None, None, None, None, None
+        grad, grad_ce = ctx.saved_tensors
+        g = grad * g_kd
+        if grad_ce is not None and g_ce is not None:
+            g = g + grad_ce * g_ce
+        return g.to(ctx.h_dtype), None, None, None, None, None, None, None
 
 
 def kd_from_hidden(h_s: torch.Tensor, h_t: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor,
                    labels: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk: int = 128, ce_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(kd, ce) for final hidden states h_s (student, differentiable) and h_t (teacher) [N, D] and their frozen
     lm_head weights [V, D] (no bias, no logit scaling: a Llama-family head). kd is `kd` of the two models'
-    logits; ce the student's cross-entropy against labels [N] (-100: ignored), a metric without gradient.
+    logits; ce the student's cross-entropy against labels [N] (-100: ignored), a metric without gradient
+    unless ce_grad (then both are differentiable: a loss may mix them).
     The lm_head matmuls run in the weights' dtype (pass bfloat16 copies where that is fast: cast once, they
     are frozen); the softmaxes and the KL in float32."""
     if w_s.requires_grad or w_t.requires_grad:
         raise ValueError("kd_from_hidden: the lm_head weights must be frozen")
-    return _ChunkedVocabKD.apply(h_s, h_t.detach(), w_s, w_t.to(w_s.dtype), labels, float(temperature), int(chunk))
+    return _ChunkedVocabKD.apply(h_s, h_t.detach(), w_s, w_t.to(w_s.dtype), labels, float(temperature), int(chunk),
+                                 bool(ce_grad))
 
 
 def hidden_distill(student_hidden, teacher_hidden) -> torch.Tensor:

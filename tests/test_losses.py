@@ -113,6 +113,30 @@ def test_kd_from_hidden_equals_kd_of_logits(temperature, chunk):
     assert not ce.requires_grad
 
 
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 7), (2.0, 64)])
+def test_kd_from_hidden_with_ce_grad_differentiates_both(temperature, chunk):
+    """ce_grad: kd + w * ce has the gradient autograd gives the logits path (float32, 1e-5); kd unchanged."""
+    g = torch.Generator().manual_seed(1)
+    N, D, V = 40, 16, 300
+    w_s, w_t = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
+    h_t = torch.randn(N, D, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::4] = -100
+    keep = labels >= 0
+    h1 = torch.randn(N, D, generator=g).requires_grad_(True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    kd_want = losses.kd(h1 @ w_s.T, h_t @ w_t.T, temperature)
+    ce_want = torch.nn.functional.cross_entropy((h1 @ w_s.T)[keep], labels[keep])
+    (kd_want + 0.7 * ce_want).backward()
+    kd, ce = losses.kd_from_hidden(h2, h_t, w_s, w_t, labels, temperature, chunk=chunk, ce_grad=True)
+    assert ce.requires_grad
+    (kd + 0.7 * ce).backward()
+    assert abs(kd.item() - kd_want.item()) < 1e-5 * max(1.0, kd_want.item())
+    assert abs(ce.item() - ce_want.item()) < 1e-5 * max(1.0, ce_want.item())
+    assert torch.allclose(h2.grad, h1.grad, rtol=1e-5, atol=1e-6)
+    assert h1.grad[~keep].abs().sum() > 0  # unlabelled rows still carry the KD gradient
+
+
 def test_kd_from_hidden_refuses_a_trained_head():
     w = torch.randn(10, 4, requires_grad=True)
     with pytest.raises(ValueError, match="frozen"):

@@ -172,6 +172,53 @@ def test_e2e_chunked_kd_trains_like_the_logits_path(tiny, monkeypatch):
         assert torch.allclose(s1[k], s2[k], rtol=1e-4, atol=1e-6), k
 
 
+def test_e2e_ce_weight_trains_like_the_logits_path(tiny):
+    """e2e.ce_weight adds the student's cross-entropy to the KD loss: the chunked path and the logits path
+    train the same weights (1e-4), and differently from KD alone."""
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    states = {}
+    for chunked, w in ((True, 0.5), (False, 0.5), (True, 0.0)):
+        cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-3, autocast="off", train="all",
+                             chunked_kd=chunked, ce_weight=w)
+        student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
+        set_impl(student, "sorted")
+        run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False)
+        states[chunked, w] = student.state_dict()
+    a, b, kd_only = states[True, 0.5], states[False, 0.5], states[True, 0.0]
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    assert any(not torch.allclose(a[k], kd_only[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_e2e_average_tail_ends_on_the_mean_of_the_last_steps(tiny):
+    """e2e.average_tail: the stage ends with the uniform mean of the weights after each of its last
+    round(fraction * steps) steps (here 3 of 6); the steps themselves are those of a run without it."""
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    ends = {}
+    for tail in (0.0, 0.5):
+        cfg = EndToEndConfig(tokens=384, ctx=32, batch_size=2, lr=1e-3, autocast="off", train="moe",
+                             average_tail=tail)
+        student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
+        set_impl(student, "masked")
+        seen = []
+        run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False,
+                       on_step=lambda: seen.append({n: p.detach().clone() for n, p in student.named_parameters()
+                                                    if ".mlp." in n}))
+        assert len(seen) == 6
+        ends[tail] = (seen, {n: p.detach().clone() for n, p in student.named_parameters() if ".mlp." in n})
+    path, last = ends[0.0]
+    _, averaged = ends[0.5]
+    for n in last:
+        assert torch.allclose(last[n], path[5][n])
+        want = torch.stack([path[i][n] for i in (3, 4, 5)]).mean(0)
+        assert torch.allclose(averaged[n], want, rtol=1e-5, atol=1e-7), n
+    assert any(not torch.allclose(averaged[n], last[n]) for n in last)
+    with pytest.raises(SurgeryError, match="average_tail"):
+        run_end_to_end(convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1)),
+                       surgery.load(tiny), ids, EndToEndConfig(tokens=384, ctx=32, batch_size=2, average_tail=1.5),
+                       progress=False)
+
+
 @pytest.mark.parametrize("scale", [0.0, 30.0])
 def test_e2e_router_lr_scale_sets_the_routers_step(tiny, scale):
     """e2e.router_lr_scale multiplies the routers' learning rate only: at 0 the routers stay as converted while
