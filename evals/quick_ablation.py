@@ -6,7 +6,9 @@ WikiText-2 test and stdlib source, append one JSON line to results/quality/ablat
 
 The spec's blocks are ConvertConfig, LayerwiseConfig and EndToEndConfig fields (omit a block to skip that
 stage); "data" is the calibration data (default WikiText-2 valid); "layer_top_k" (a list, one k per layer) sets
-per-layer budgets on the converted model, as `python -m surgery_evals.layer_kl` proposes them. The profile
+per-layer budgets on the converted model, as `python -m surgery_evals.layer_kl` proposes them. With "dense": true
+and no "convert" block the dense model itself goes through the "e2e" block (distilled from its own copy: the
+control for losses that adapt to the text, such as e2e.ce_weight). The profile
 (16k tokens of WikiText-2 valid, as the recipes) and each conversion are cached under runs/ablation-cache/, so
 ablations of calibration on one structure do not convert again. Short budgets, 8k-token evaluations: for
 choosing, not for final numbers.
@@ -71,6 +73,8 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
     tok = load_tokenizer(source)
     teacher = load_model(source)
     t0 = time.time()
+    if spec.get("dense"):
+        return _dense_control(spec, tok, teacher, source, out)
     student = converted_student(spec["convert"], cache_dir, source)
     if spec.get("layer_top_k"):  # explicit per-layer budgets (e.g. from surgery_evals.layer_kl), native-only
         student.surgery_config.layer_top_k = list(spec["layer_top_k"])
@@ -97,6 +101,36 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
     res["eval_tokens"] = 8192
     res["machine"] = machine()["summary"]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(res) + "\n")
+    print(json.dumps(res))
+    return res
+
+
+def _dense_control(spec: dict, tok, teacher, source, out) -> dict:
+    """The dense model through the spec's end-to-end stage (its teacher an untouched copy), evaluated as above."""
+    from surgery.calibrate import EndToEndConfig, run_end_to_end
+    from surgery.data import resolve_data
+    from surgery.errors import SurgeryError
+    from surgery.modeling import load_model
+    from surgery.profile import calibration_ids
+    from surgery_evals.perplexity import perplexity
+    from surgery_evals.report import machine
+
+    if spec.get("convert") or spec.get("layerwise") or not spec.get("e2e"):
+        raise SurgeryError('quick_ablation: "dense" takes an "e2e" block only')
+    cfg = EndToEndConfig(**spec["e2e"])
+    student = load_model(source)
+    ids = calibration_ids(tok, spec.get("data"), cfg.tokens, teacher, 0, False)  # as calibrate() reads it
+    r = run_end_to_end(student, teacher, ids, cfg, seed=0, progress=True)
+    res = {"spec": spec, "calibration_seconds": r["seconds"],
+           "e2e_kd_first_last10": [r["history"][0]["kd"],
+                                   round(sum(x["kd"] for x in r["history"][-10:]) / min(10, len(r["history"])), 5)],
+           "e2e_tokens_per_s": round(r["tokens"] / max(1e-9, r["seconds"]), 1)}
+    for name, data in (("wikitext", "wikitext-test"), ("stdlib", "stdlib")):
+        res[name] = round(perplexity(student, tok, resolve_data(data), 8192, 1024, 1, False)["perplexity"], 3)
+    res["eval_tokens"] = 8192
+    res["machine"] = machine()["summary"]
     with open(out, "a") as f:
         f.write(json.dumps(res) + "\n")
     print(json.dumps(res))

@@ -121,6 +121,12 @@ class EndToEndConfig:
     head_balance: float = 0.0
     head_concentration: float = 0.0
 
+    def __post_init__(self):  # checked before any stage runs or writes
+        if not 0 <= self.average_tail <= 1:
+            raise SurgeryError(f"e2e.average_tail {self.average_tail}: a fraction of the steps, in [0, 1]")
+        if self.ce_weight < 0:
+            raise SurgeryError(f"e2e.ce_weight {self.ce_weight}: a loss weight, >= 0")
+
 
 @dataclass
 class CalibrateConfig:
@@ -486,8 +492,6 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     # the chunked KD from final hidden states (single process): never [T, V] logits under autograd
     heads_w = _frozen_lm_heads(student, teacher, prec.head_dtype) if dist is None and cfg.chunked_kd else None
     t_model = copy.deepcopy(teacher).to(prec.teacher_dtype) if prec.teacher_dtype is not None else teacher
-    if not 0 <= cfg.average_tail <= 1:
-        raise SurgeryError(f"e2e.average_tail {cfg.average_tail}: a fraction of the steps, in [0, 1]")
     tail_from = steps - max(1, round(cfg.average_tail * steps)) if cfg.average_tail else steps
     tail_mean, tail_n = None, 0
     snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})

@@ -515,6 +515,11 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
               help="With --train lora: adapter scale numerator (scale alpha / rank).")
 @click.option("--balance", type=float, default=0.0, show_default=True, help="Load-balancing loss weight.")
 @click.option("--concentration", type=float, default=0.0, show_default=True, help="Load-concentration loss weight.")
+@click.option("--ce-weight", type=float, default=0.0, show_default=True,
+              help="End-to-end: add this weight times the student's next-token cross-entropy on the calibration "
+                   "text to the KD loss (adapts to that text; 0: distillation only).")
+@click.option("--average-tail", type=float, default=0.0, show_default=True,
+              help="End-to-end: end on the mean of the weights after each of this fraction of the last steps.")
 @click.option("--prior-weight", type=float, default=1.0, show_default=True,
               help="Layer-wise prior-approximate (oracle experts) router loss weight.")
 @click.option("--head-train", type=click.Choice(["router", "qo", "attn", "none"]), default="router",
@@ -539,8 +544,9 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @click.option("--json", "json_path", type=click.Path(), help="Also write the summary JSON here.")
 @_friendly
 def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
-                  train, lora_rank, lora_alpha, balance, concentration, prior_weight, head_train, head_steps,
-                  head_lr, head_balance, head_concentration, seed, device, autocast, resume, overwrite, json_path):
+                  train, lora_rank, lora_alpha, balance, concentration, ce_weight, average_tail, prior_weight,
+                  head_train, head_steps, head_lr, head_balance, head_concentration, seed, device, autocast, resume,
+                  overwrite, json_path):
     """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
 
     \b
@@ -566,7 +572,7 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
                          autocast=autocast, **heads) if layerwise_tokens > 0 else None
     e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, lora_rank=lora_rank,
                          lora_alpha=lora_alpha, balance=balance, concentration=concentration, autocast=autocast,
-                         **heads) if tokens > 0 else None
+                         ce_weight=ce_weight, average_tail=average_tail, **heads) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
     result = run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite)
     from surgery.distributed import env_rank

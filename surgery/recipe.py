@@ -421,7 +421,8 @@ def _static_baseline(recipe: Recipe, src: Path, out: Path, keep: float, get_dens
     info = {"keep": keep, "tokens": 0}
     if recipe.e2e is not None:
         e2e = EndToEndConfig(**recipe.e2e)
-        cfg = EndToEndConfig(tokens=e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr, train="all")
+        cfg = EndToEndConfig(tokens=e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr, train="all",
+                             ce_weight=e2e.ce_weight, average_tail=e2e.average_tail)  # the recipe's loss too
         r = distil(model, get_dense(), e2e_ids(cfg.tokens), cfg, recipe.seed, progress)
         info.update(tokens=r["tokens"], first_kd=r["first_kd"], last_kd=r["last_kd"])
     info["seconds"] = round(time.time() - t0, 2)

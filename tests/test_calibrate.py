@@ -149,6 +149,9 @@ def test_calibrate_cli(tmp_path, text_file):
     bad = CliRunner().invoke(main, ["calibrate", str(tmp_path / "moe"), str(tmp_path / "x"), "--teacher",
                                     str(tmp_path / "moe"), "--data", str(text_file)])
     assert bad.exit_code == 2 and "dense" in bad.output
+    for flag, value in (("--average-tail", "1.5"), ("--ce-weight", "-1")):
+        bad = CliRunner().invoke(main, args[:2] + [str(tmp_path / "y")] + args[3:] + [flag, value])
+        assert bad.exit_code == 2 and flag[2:].replace("-", "_") in bad.output and not (tmp_path / "y").exists()
 
 
 # ---- e2e.train=lora (surgery/lora.py): peft adapters on the attention projections, trained with the MoE
