@@ -92,7 +92,7 @@ class _ChunkedVocabKD(torch.autograd.Function):
         # ce_grad: the cross-entropy's gradient too ((softmax(s) - onehot) / n_valid, times lm_head), for a
         # loss that mixes it in; otherwise ce is a metric
         grad_ce = torch.zeros_like(grad) if ce_grad else None
-        n_all = int((labels >= 0).sum())
+        n_labelled = int((labels >= 0).sum())
         kd_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
         ce_n = 0
@@ -108,7 +108,7 @@ class _ChunkedVocabKD(torch.autograd.Function):
                 ce_n += n_valid
             if ce_grad and n_valid:
                 gc = raw[valid].exp().sub_(Fn.one_hot(lab[valid], raw.shape[-1]).to(raw.dtype))
-                grad_ce[i:i + chunk][valid] = Fn.linear(gc.to(mm_dtype), ws.t()).float() / n_all
+                grad_ce[i:i + chunk][valid] = Fn.linear(gc.to(mm_dtype), ws.t()).float() / n_labelled
             ls = raw if temperature == 1 else torch.log_softmax(s.div_(temperature), -1)
             lt = torch.log_softmax(t if temperature == 1 else t.div_(temperature), -1)
             pt = lt.exp()
