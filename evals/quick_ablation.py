@@ -63,11 +63,8 @@ def converted_student(convert_spec: dict, cache_dir="runs/ablation-cache", sourc
 def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/ablation-cache",
          source="runs/smollm2") -> dict:
     from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate
-    from surgery.data import resolve_data
     from surgery.modeling import load_model, load_tokenizer, set_layer_routing
     from surgery.moe import set_impl
-    from surgery_evals.perplexity import perplexity
-    from surgery_evals.report import machine
 
     spec = json.loads(spec_text)
     tok = load_tokenizer(source)
@@ -96,8 +93,17 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
             res["e2e_kd_first_last10"] = [h[0]["kd"], round(sum(x["kd"] for x in h[-10:]) / min(10, len(h)), 5)]
             res["e2e_tokens_per_s"] = round(r["e2e"]["tokens"] / max(1e-9, r["e2e"]["seconds"]), 1)
     set_impl(student, "masked")  # the same function as the grouped path, faster to evaluate on a CPU
+    return _evaluate(student, tok, res, out)
+
+
+def _evaluate(model, tok, res: dict, out) -> dict:
+    """8k tokens each of WikiText-2 test and stdlib source into `res`, appended as one JSON line to `out`."""
+    from surgery.data import resolve_data
+    from surgery_evals.perplexity import perplexity
+    from surgery_evals.report import machine
+
     for name, data in (("wikitext", "wikitext-test"), ("stdlib", "stdlib")):
-        res[name] = round(perplexity(student, tok, resolve_data(data), 8192, 1024, 1, False)["perplexity"], 3)
+        res[name] = round(perplexity(model, tok, resolve_data(data), 8192, 1024, 1, False)["perplexity"], 3)
     res["eval_tokens"] = 8192
     res["machine"] = machine()["summary"]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -110,12 +116,9 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
 def _dense_control(spec: dict, tok, teacher, source, out) -> dict:
     """The dense model through the spec's end-to-end stage (its teacher an untouched copy), evaluated as above."""
     from surgery.calibrate import EndToEndConfig, run_end_to_end
-    from surgery.data import resolve_data
     from surgery.errors import SurgeryError
     from surgery.modeling import load_model
     from surgery.profile import calibration_ids
-    from surgery_evals.perplexity import perplexity
-    from surgery_evals.report import machine
 
     if spec.get("convert") or spec.get("layerwise") or not spec.get("e2e"):
         raise SurgeryError('quick_ablation: "dense" takes an "e2e" block only')
@@ -127,14 +130,7 @@ def _dense_control(spec: dict, tok, teacher, source, out) -> dict:
            "e2e_kd_first_last10": [r["history"][0]["kd"],
                                    round(sum(x["kd"] for x in r["history"][-10:]) / min(10, len(r["history"])), 5)],
            "e2e_tokens_per_s": round(r["tokens"] / max(1e-9, r["seconds"]), 1)}
-    for name, data in (("wikitext", "wikitext-test"), ("stdlib", "stdlib")):
-        res[name] = round(perplexity(student, tok, resolve_data(data), 8192, 1024, 1, False)["perplexity"], 3)
-    res["eval_tokens"] = 8192
-    res["machine"] = machine()["summary"]
-    with open(out, "a") as f:
-        f.write(json.dumps(res) + "\n")
-    print(json.dumps(res))
-    return res
+    return _evaluate(student, tok, res, out)
 
 
 if __name__ == "__main__":

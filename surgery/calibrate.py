@@ -519,12 +519,13 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 loss, ce_t = losses.kd_from_hidden(s_out.last_hidden_state.reshape(-1, D),
                                                    t_out.last_hidden_state.reshape(-1, D), *heads_w, labels,
                                                    cfg.temperature, ce_grad=bool(cfg.ce_weight))
-                loss_ce = cfg.ce_weight * ce_t if cfg.ce_weight else 0.0
             else:
                 loss = losses.kd(s_out.logits, t_out.logits, cfg.temperature)
                 V = s_out.logits.shape[-1]
-                loss_ce = cfg.ce_weight * torch.nn.functional.cross_entropy(
-                    s_out.logits[:, :-1].float().reshape(-1, V), mine[:, 1:].reshape(-1)) if cfg.ce_weight else 0.0
+                with torch.set_grad_enabled(bool(cfg.ce_weight)):  # a loss term, or only the metric
+                    ce_t = torch.nn.functional.cross_entropy(s_out.logits[:, :-1].float().reshape(-1, V),
+                                                             mine[:, 1:].reshape(-1))
+            loss_ce = cfg.ce_weight * ce_t if cfg.ce_weight else 0.0
             if cfg.hidden:  # [1:]: the embeddings are never trained, so index 0 is the same on both sides
                 hid = losses.hidden_distill(s_out.hidden_states[1:], t_out.hidden_states[1:])
                 loss_h = cfg.hidden * hid
@@ -554,13 +555,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             for b in blocks:
                 b.last_router_logits = None
             head_cal.clear_logits(heads)
-            if heads_w is not None:
-                ce = ce_t.item()
-            else:
-                with torch.no_grad():
-                    V = s_out.logits.shape[-1]
-                    ce = torch.nn.functional.cross_entropy(s_out.logits[:, :-1].float().reshape(-1, V),
-                                                           mine[:, 1:].reshape(-1)).item()
+            ce = ce_t.item()
             kd, aux_v = loss.item(), float(aux.detach() if torch.is_tensor(aux) else aux)
             hid_v = hid.item() if hid is not None else None
             if dist is not None:  # each rank's numbers are means over equal token counts

@@ -88,19 +88,24 @@ def test_hidden_distill_is_mean_block_error_over_layers():
         losses.hidden_distill(student[:2], teacher)
 
 
+def _kd_case(seed: int, N: int, unlabelled_every: int, D: int = 16, V: int = 300):
+    """Random lm_heads [V, D] for student and teacher, teacher hidden states, labels with every
+    `unlabelled_every`-th row ignored, and two equal leaf copies of the student's hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    w_s, w_t = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
+    h_t = torch.randn(N, D, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::unlabelled_every] = -100
+    h1 = torch.randn(N, D, generator=g).requires_grad_(True)
+    return w_s, w_t, h_t, labels, h1, h1.detach().clone().requires_grad_(True)
+
+
 @pytest.mark.parametrize("temperature,chunk", [(1.0, 7), (2.0, 64)])
 def test_kd_from_hidden_equals_kd_of_logits(temperature, chunk):
     """The chunked KD (final hidden states x frozen lm_heads) is `kd` of the two models' logits: same value
     and same gradient for the student's hidden states (float32, 1e-5), its ce the cross-entropy of the raw
     logits over the labelled rows; student and teacher heads may differ; chunks need not divide N."""
-    g = torch.Generator().manual_seed(0)
-    N, D, V = 50, 16, 300
-    w_s, w_t = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
-    h_t = torch.randn(N, D, generator=g)
-    labels = torch.randint(0, V, (N,), generator=g)
-    labels[::5] = -100
-    h1 = torch.randn(N, D, generator=g).requires_grad_(True)
-    h2 = h1.detach().clone().requires_grad_(True)
+    w_s, w_t, h_t, labels, h1, h2 = _kd_case(seed=0, N=50, unlabelled_every=5)
     want = losses.kd(h1 @ w_s.T, h_t @ w_t.T, temperature)
     (want * 3).backward()
     got, ce = losses.kd_from_hidden(h2, h_t, w_s, w_t, labels, temperature, chunk=chunk)
@@ -116,15 +121,8 @@ def test_kd_from_hidden_equals_kd_of_logits(temperature, chunk):
 @pytest.mark.parametrize("temperature,chunk", [(1.0, 7), (2.0, 64)])
 def test_kd_from_hidden_with_ce_grad_differentiates_both(temperature, chunk):
     """ce_grad: kd + w * ce has the gradient autograd gives the logits path (float32, 1e-5); kd unchanged."""
-    g = torch.Generator().manual_seed(1)
-    N, D, V = 40, 16, 300
-    w_s, w_t = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
-    h_t = torch.randn(N, D, generator=g)
-    labels = torch.randint(0, V, (N,), generator=g)
-    labels[::4] = -100
+    w_s, w_t, h_t, labels, h1, h2 = _kd_case(seed=1, N=40, unlabelled_every=4)
     keep = labels >= 0
-    h1 = torch.randn(N, D, generator=g).requires_grad_(True)
-    h2 = h1.detach().clone().requires_grad_(True)
     kd_want = losses.kd(h1 @ w_s.T, h_t @ w_t.T, temperature)
     ce_want = torch.nn.functional.cross_entropy((h1 @ w_s.T)[keep], labels[keep])
     (kd_want + 0.7 * ce_want).backward()
