@@ -6,11 +6,12 @@ same windows. Writes JSON with the machine.
         [--tokens 4096] [--settings off:logits,off,auto:student32,auto] [--repeats 2] \\
         [--json results/bench/e2e-step-cpu.json]
 
-A setting is `autocast[:logits][:student32]`: autocast is EndToEndConfig.autocast (off, on, auto: what each runs
+A setting is `autocast[:logits][:student32][:eager]`: autocast is EndToEndConfig.autocast (off, on, auto: what each runs
 in bf16 is surgery.precision.Precision); `:logits` takes the whole-vocabulary logits path instead of the
 chunked KD from final hidden states (e2e.chunked_kd false); `:student32` keeps the student in float32 (and its
-float32 MoE paths) whatever the setting gives it: round 10's `auto` on a CPU with AMX. The first step of each
-run is a warm-up and is not timed. The conversion is cached as the quick ablations' (runs/ablation-cache/).
+float32 MoE paths) whatever the setting gives it: round 10's `auto` on a CPU with AMX; `:eager` runs the layers
+eager (e2e.compile off; without it e2e.compile is on: every decoder layer compiled, surgery/compiled.py). The
+first two steps of each run are warm-up (compiles included) and are not timed. The conversion is cached as the quick ablations' (runs/ablation-cache/).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def main(argv=None) -> dict:
     settings = a.settings.split(",")
     for s in settings:
         ac, *flags = s.split(":")
-        if ac not in ("off", "on", "auto") or not set(flags) <= {"logits", "student32"}:
-            ap.error(f"--settings: {s!r} is not autocast[:logits][:student32] with autocast off, on or auto")
+        if ac not in ("off", "on", "auto") or not set(flags) <= {"logits", "student32", "eager"}:
+            ap.error(f"--settings: {s!r} is not autocast[:logits][:student32][:eager] with autocast off, on or auto")
     try:
         spec = {"method": "coactivation", "router_init": "fitted", **json.loads(a.convert)}
     except json.JSONDecodeError as e:
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
             student = converted_student(spec, source=a.source)
             set_training_impl(student)
             cfg = EndToEndConfig(tokens=a.tokens + 512, ctx=256, batch_size=2, lr=3e-4, train="all", autocast=ac,
-                                 chunked_kd="logits" not in flags)
+                                 chunked_kd="logits" not in flags, compile="off" if "eager" in flags else "on")
             marks = []
             calibrate.precision_plan = plan(ac, "student32" in flags)
             try:
@@ -79,8 +80,8 @@ def main(argv=None) -> dict:
                                      on_step=lambda: marks.append(time.time()))
             finally:
                 calibrate.precision_plan = precision_plan
-            timed = marks[-1] - marks[0]  # after the first (warm-up) step
-            tok = (len(marks) - 1) * 512
+            timed = marks[-1] - marks[1]  # after two warm-up steps (compiled: the first forward and backward)
+            tok = (len(marks) - 2) * 512
             runs[s].append({"tokens_per_s": round(tok / timed, 1), "kd_last": res["history"][-1]["kd"]})
             print(s, runs[s][-1], flush=True)
     out = {"convert": spec, "tokens": a.tokens, "ctx": 256, "batch_size": 2, "threads": torch.get_num_threads(),
@@ -88,6 +89,7 @@ def main(argv=None) -> dict:
            "settings": {s: {"precision": {k: str(v) for k, v in
                                           vars(plan(s.split(":")[0], ":student32" in s)()).items()},
                             "kd": "logits" if ":logits" in s else "chunked",
+                            "compile": "off" if ":eager" in s else "on",
                             "tokens_per_s": [x["tokens_per_s"] for x in runs[s]],
                             "median_tokens_per_s": sorted(x["tokens_per_s"] for x in runs[s])[len(runs[s]) // 2]}
                         for s in settings},

@@ -92,10 +92,24 @@ def moe_ffn_sorted(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     Under CPU autocast the routed experts run in float32 (the shared expert follows autocast): each expert's
     token count changes every step, and oneDNN builds a bfloat16 matmul afresh for every new shape (~1 ms a
     call for a [100, 576] x [576, 96] product on 2 Xeon cores, against ~0.1 ms in float32)."""
+    y = sorted_routed(x_TD, gate_EFD, up_EFD, down_EDF, weights_TK, ids_TK)
+    return y if shared is None else y + swiglu(x_TD, *shared)
+
+
+# torch.compiler.disable, but importing torch._dynamo only at the first call (at import it costs ~2 s of every
+# command's start-up here); falls back to the public decorator where torch lacks the lazy one
+_eager_under_compile = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
+@_eager_under_compile
+def sorted_routed(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,
+                  weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    """moe_ffn_sorted's routed experts. Eager even inside a compiled layer (surgery/compiled.py): the per-expert
+    slices change shape every step, and each new shape would recompile."""
     if x_TD.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            y = moe_ffn_sorted(x_TD.float(), gate_EFD.float(), up_EFD.float(), down_EDF.float(), weights_TK, ids_TK)
-        return y if shared is None else y + swiglu(x_TD, *shared)
+            return sorted_routed(x_TD.float(), gate_EFD.float(), up_EFD.float(), down_EDF.float(), weights_TK,
+                                 ids_TK)
     T, D = x_TD.shape
     order, token_of, counts = sort_pairs(ids_TK, gate_EFD.shape[0])
     xs = x_TD.index_select(0, token_of)
@@ -105,10 +119,7 @@ def moe_ffn_sorted(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Ten
     parts = [Fn.linear(Fn.silu(Fn.linear(xe, gates[e])) * Fn.linear(xe, ups[e]), downs[e])
              for e, xe in enumerate(xs.split(counts)) if counts[e]]
     ys = torch.cat(parts) * weights_TK.reshape(-1)[order, None].to(x_TD.dtype)
-    y = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add(0, token_of, ys)
-    if shared is not None:
-        y = y + swiglu(x_TD, *shared)
-    return y
+    return torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add(0, token_of, ys)
 
 
 def moe_ffn_one_token(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor, down_EDF: torch.Tensor,

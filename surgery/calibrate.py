@@ -20,6 +20,7 @@ Budgets are in tokens; bars show the loss and a running perplexity; checkpoints 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from surgery import lora, losses
+from surgery import compiled, lora, losses
 from surgery.attention import head_expert_modules
 from surgery.attention import calibrate as head_cal
 from surgery.atomic import atomic_file
@@ -107,6 +108,9 @@ class EndToEndConfig:
     # KD from the final hidden states in row chunks (losses.kd_from_hidden) where the models allow it; False:
     # the whole-vocabulary logits path (the same loss, slower; kept for comparison and for torchrun)
     chunked_kd: bool = True
+    # torch.compile of every decoder layer for the stage (surgery/compiled.py): "auto" (single-process CPU with a
+    # C++ compiler, stages of 64 steps or more, plain converted models, no transition schedule), "on", "off"
+    compile: str = "auto"
     # Transition schedule (Mixture-of-Tokens' transition tuning, for conversion): start at top-k = k_start
     # with unit routing weights (k_start = every expert: exactly the dense model) and move linearly to the
     # model's top-k and its own routing weights over the first `transition` fraction of steps.
@@ -126,6 +130,8 @@ class EndToEndConfig:
             raise SurgeryError(f"e2e.average_tail {self.average_tail}: a fraction of the steps, in [0, 1]")
         if self.ce_weight < 0:
             raise SurgeryError(f"e2e.ce_weight {self.ce_weight}: a loss weight, >= 0")
+        if self.compile not in compiled.SETTINGS:
+            raise SurgeryError(f"e2e.compile {self.compile!r}: choose auto, on or off")
 
 
 @dataclass
@@ -492,6 +498,10 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     # the chunked KD from final hidden states (single process): never [T, V] logits under autograd
     heads_w = _frozen_lm_heads(student, teacher, prec.head_dtype) if dist is None and cfg.chunked_kd else None
     t_model = copy.deepcopy(teacher).to(prec.teacher_dtype) if prec.teacher_dtype is not None else teacher
+    comp = compiled.compile_on(cfg.compile, device, steps - start, sharded=dist is not None,
+                               transition=bool(cfg.k_start and cfg.transition > 0), lora=adapters is not None,
+                               heads=bool(heads))
+    compiled_stack = contextlib.ExitStack()  # the layers are eager again when the stage ends, however it ends
     tail_from = steps - max(1, round(cfg.average_tail * steps)) if cfg.average_tail else steps
     tail_mean, tail_n = None, 0
     snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
@@ -500,6 +510,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     bar = tqdm(total=steps, initial=start, desc="end-to-end", unit="step", disable=not progress)
     t0 = time.time() - elapsed0
     try:
+        compiled_stack.enter_context(compiled.compiled_layers([student, t_model], comp))
         for step in range(start, steps):
             batch = wins[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
             mine = batch if dist is None else dist.local(batch)
@@ -583,6 +594,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
 
                     save_dcp(ckpt, state, student, opt, cfg.train == "all", dist)
     finally:
+        compiled_stack.close()
         for b, r, impl in zip(blocks, base_routing, block_impls):
             b.routing, b.unit_mix, b.impl = r, 0.0, impl
         for m, impl in zip(heads, head_impls):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernel tests run under the interpreter without a GPU. Set here, before any test module is
+    # imported: triton reads it when first imported, and importing torch._dynamo (torch.compile, anywhere in
+    # the session) imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import WORDS, make_llama
 
