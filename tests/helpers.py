@@ -151,3 +151,19 @@ def stop_after_checkpoint(run, key: str, value: int) -> None:
             run()
     finally:
         cal._save_ckpt = orig
+
+
+def run_compiled_in_fresh_process(code: str, *args) -> dict:
+    """Run `code` (a script that prints one JSON line last) in a new Python process and return that JSON.
+    For tests that torch.compile: once inductor has run in a process, the Triton interpreter that the kernel
+    tests use later in the same session no longer works."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,11 +1,7 @@
 """The second quality round's methods: the masked CPU path, the transition schedule, multi-epoch windows,
 bf16 autocast selection, snapshots, and the baselines (oracle, gate-decided sparsity, static pruning)."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +18,7 @@ from surgery.router import RoutingConfig
 from surgery_evals.baselines import apply_baseline, static_keep
 from surgery_kernels import reference
 
-from helpers import make_llama, relative_error
+from helpers import make_llama, relative_error, run_compiled_in_fresh_process
 
 
 def _experts(E=6, F=5, D=16, seed=0):
@@ -291,13 +287,8 @@ print(json.dumps({"kd_eager": kd0, "kd_compiled": kd1, "eager_after": eager_afte
 def test_e2e_compiled_trains_like_eager(tiny, impl):
     """The compiled stage (every decoder layer of student and teacher compiled; the sorted path's per-expert
     loop eager inside it) trains the same weights as eager, float32, within rtol 1e-4 + atol 1e-6; the layers
-    are eager afterwards. In a fresh process: inductor, once it has run, breaks the Triton interpreter that
-    the kernel tests use later in the same process."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILED_VS_EAGER, str(tiny), impl], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    are eager afterwards."""
+    r = run_compiled_in_fresh_process(_COMPILED_VS_EAGER, tiny, impl)
     assert r["kd_compiled"] == pytest.approx(r["kd_eager"], rel=1e-4, abs=1e-7)  # a near-uniform random model
     assert r["eager_after"] and r["moved"] > 0  # it trained, and left the layers eager
     assert r["worst"] <= 1e-6  # every weight: |compiled - eager| <= 1e-4 |eager| + 1e-6
