@@ -6,12 +6,13 @@ same windows. Writes JSON with the machine.
         [--tokens 4096] [--settings off:logits,off,auto:student32,auto] [--repeats 2] \\
         [--json results/bench/e2e-step-cpu.json]
 
-A setting is `autocast[:logits][:student32][:eager]`: autocast is EndToEndConfig.autocast (off, on, auto: what each runs
-in bf16 is surgery.precision.Precision); `:logits` takes the whole-vocabulary logits path instead of the
+A setting is `autocast[:logits][:student32][:eager]`: autocast is EndToEndConfig.autocast (off, on, auto: what
+each runs in bf16 is surgery.precision.Precision); `:logits` takes the whole-vocabulary logits path instead of the
 chunked KD from final hidden states (e2e.chunked_kd false); `:student32` keeps the student in float32 (and its
 float32 MoE paths) whatever the setting gives it: round 10's `auto` on a CPU with AMX; `:eager` runs the layers
 eager (e2e.compile off; without it e2e.compile is on: every decoder layer compiled, surgery/compiled.py). The
-first two steps of each run are warm-up (compiles included) and are not timed. The conversion is cached as the quick ablations' (runs/ablation-cache/).
+first two steps of each run are warm-up (compiles included) and are not timed. The conversion is cached as the
+quick ablations' (runs/ablation-cache/).
 """
 
 from __future__ import annotations

@@ -576,7 +576,8 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
                          autocast=autocast, **heads) if layerwise_tokens > 0 else None
     e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, lora_rank=lora_rank,
                          lora_alpha=lora_alpha, balance=balance, concentration=concentration, autocast=autocast,
-                         ce_weight=ce_weight, average_tail=average_tail, compile=compile_, **heads) if tokens > 0 else None
+                         ce_weight=ce_weight, average_tail=average_tail, compile=compile_,
+                         **heads) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
     result = run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite)
     from surgery.distributed import env_rank

@@ -155,8 +155,8 @@ def stop_after_checkpoint(run, key: str, value: int) -> None:
 
 def run_compiled_in_fresh_process(code: str, *args) -> dict:
     """Run `code` (a script that prints one JSON line last) in a new Python process and return that JSON.
-    For tests that torch.compile: once inductor has run in a process, the Triton interpreter that the kernel
-    tests use later in the same session no longer works."""
+    For tests that torch.compile: dynamo and inductor import and configure triton, and the kernel tests run
+    Triton's interpreter in this session; a fresh process keeps the two apart."""
     import json
     import os
     import subprocess
