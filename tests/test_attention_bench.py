@@ -62,7 +62,10 @@ def test_bench_model_prefill_ctx_cli(tmp_path, tiny_llama):
         (m, p, s) for m in ("dense", "converted") for p in ("attention", "prefill") for s in (32, 64)}
     for row in rows:
         assert len(row["seconds"]) == 3 and row["median_seconds"] == sorted(row["seconds"])[1]
-        assert abs(row["tokens_per_second"] - row["seq"] / row["median_seconds"]) <= 1e-3 * row["tokens_per_second"]
+        # tokens/s is seq over the median, rounded to 0.01; median_seconds is rounded to 1e-6 s, which on a tiny
+        # model's sub-millisecond pass moves seq / median by more than 0.1%: allow exactly the two roundings
+        m = row["median_seconds"]
+        assert abs(row["tokens_per_second"] * m - row["seq"]) <= 1.01 * (row["seq"] * 5e-7 / (m - 5e-7) + 0.005 * m)
     assert all("speedup_vs_dense" in r for r in rows if r["model"] == "converted")
     assert result["attention"]["active_head_fraction"] == 0.75 and "sparse.py" in result["attention"]["path"]
     assert result["command"].startswith("surgery") and result["config"]["repeats"] == 3
