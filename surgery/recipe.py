@@ -422,7 +422,8 @@ def _static_baseline(recipe: Recipe, src: Path, out: Path, keep: float, get_dens
     if recipe.e2e is not None:
         e2e = EndToEndConfig(**recipe.e2e)
         cfg = EndToEndConfig(tokens=e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr, train="all",
-                             ce_weight=e2e.ce_weight, average_tail=e2e.average_tail)  # the recipe's loss too
+                             ce_weight=e2e.ce_weight, average_tail=e2e.average_tail,  # the recipe's loss too
+                             compile=e2e.compile)  # and its compiled or eager layers
         r = distil(model, get_dense(), e2e_ids(cfg.tokens), cfg, recipe.seed, progress)
         info.update(tokens=r["tokens"], first_kd=r["first_kd"], last_kd=r["last_kd"])
     info["seconds"] = round(time.time() - t0, 2)
