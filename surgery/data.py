@@ -255,7 +255,7 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
 
     from tqdm import tqdm
 
-    from surgery.kvcache import static_cache, with_cache
+    from surgery.kvcache import growing_cache, with_cache
     from surgery.precision import fast_bf16
 
     device = next(model.parameters()).device
@@ -297,10 +297,10 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
             ids = ids.to(device)
             step_ids = ids
             steps = seq_len - 1
-        # A static KV cache of the batch's final length: the default dynamic cache concatenates every layer's
+        # A KV cache allocated for the batch's final length: the default dynamic cache concatenates every layer's
         # keys and values at every step (at batch 128 x 64 steps that was 16% of the time, and it grows with
-        # the sequence); decode steps write in place at cache_position.
-        cache = static_cache(model, n, step_ids.shape[1] + steps, device, next(model.parameters()).dtype)
+        # the sequence); decode steps write in place and attend only the positions written so far.
+        cache = growing_cache(model, n, step_ids.shape[1] + steps, device, next(model.parameters()).dtype)
         at = torch.arange(step_ids.shape[1], device=device)
         for _ in range(steps):
             res = model(input_ids=step_ids, use_cache=True, cache_position=at, **kw, **with_cache(model, cache))

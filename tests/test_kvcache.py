@@ -56,3 +56,54 @@ def test_a_forward_without_a_cache_argument_is_refused():
 
     with pytest.raises(TypeError, match="neither"):
         cache_keyword(NotADecoder())
+
+
+def test_growing_cache_decodes_like_a_static_cache_and_reads_only_the_filled_positions(tiny_llama):
+    """The sampler's cache: left-padded prompts of unequal length, then decode steps; the logits equal a
+    StaticCache loop's (float32, 1e-5), and every layer hands attention only the positions written so far."""
+    from surgery.kvcache import growing_cache, static_cache
+
+    model = surgery.load(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(2, 128, (3, 6), generator=g)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, :2] = 0  # row 0 is two tokens shorter, left-padded
+    mask[2, :1] = 0
+    nxt = torch.randint(2, 128, (3, 4), generator=g)
+    logits = {}
+    for name, make in (("static", static_cache), ("growing", growing_cache)):
+        cache = make(model, 3, 10, "cpu", torch.float32)
+        seen = []
+        if name == "growing":  # the key length each attention call of layer 0 receives
+            update = cache.layers[0].update
+
+            def recording_update(k, v, *a, **kw):
+                keys, values = update(k, v, *a, **kw)
+                seen.append(keys.shape[2])
+                return keys, values
+
+            cache.layers[0].update = recording_update
+        am, pos = mask.clone(), (mask.cumsum(-1) - 1).clamp(min=0)
+        out = [model(input_ids=prompt, attention_mask=am, position_ids=pos, cache_position=torch.arange(6),
+                     use_cache=True, **with_cache(model, cache)).logits[:, -1]]
+        for t in range(4):
+            am = torch.cat([am, am.new_ones(3, 1)], 1)
+            pos = pos[:, -1:] + 1
+            out.append(model(input_ids=nxt[:, t:t + 1], attention_mask=am, position_ids=pos,
+                             cache_position=torch.tensor([6 + t]), use_cache=True,
+                             **with_cache(model, cache)).logits[:, -1])
+        logits[name] = torch.stack(out)
+        if name == "growing":
+            assert seen == [6, 7, 8, 9, 10] and cache.layers[0].get_seq_length() == 10
+    torch.testing.assert_close(logits["growing"], logits["static"], rtol=1e-5, atol=1e-5)
+
+
+def test_growing_cache_refuses_positions_past_its_length(tiny_llama):
+    from surgery.kvcache import growing_cache
+
+    model = surgery.load(tiny_llama)
+    cache = growing_cache(model, 1, 4, "cpu", torch.float32)
+    ids = torch.randint(2, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, use_cache=True, **with_cache(model, cache))
+    with pytest.raises(ValueError, match="cannot hold position 4"):
+        model(input_ids=ids[:, :1], use_cache=True, **with_cache(model, cache))
