@@ -152,7 +152,7 @@ def quality_rows(folder) -> list[dict]:
             base = r.get("static_baseline") or {}
             rows.append({"file": p.name, "recipe": r.get("recipe", {}).get("name", p.stem),
                          "method": "static pruning, bias-compensated" if static else r.get("method", ""),
-                         "stage": e["stage"], "dataset": e["dataset"],
+                         "stage": e["stage"], "dataset": e["dataset"], "calibration": _calibration(r, e["stage"]),
                          "active": e.get("active_ffn_fraction"), "perplexity": e["perplexity"],
                          "ratio": e["perplexity"] / dense[e["dataset"]] if e["dataset"] in dense else None,
                          "tokens": base.get("tokens", 0) if static
@@ -164,6 +164,15 @@ def quality_rows(folder) -> list[dict]:
 
 STAGE_NAMES = {"converted": "none", "layerwise": "layer-wise", "e2e": "layer-wise + end-to-end",
                "static": "end-to-end (the recipe's e2e budget)"}
+
+
+def _calibration(report: dict, stage: str) -> str:
+    """What calibrated the model a row evaluates: an e2e stage is 'end-to-end' alone where the recipe had no
+    layer-wise stage (the 25% recipe, the quickstart)."""
+    ran_layerwise = "layerwise" in report.get("stages", {}) or "layerwise" in report.get("calibration_tokens", {})
+    if stage == "e2e" and not ran_layerwise:
+        return "end-to-end"
+    return STAGE_NAMES.get(stage, stage)
 
 
 def quality_table(folder) -> str:
@@ -182,7 +191,7 @@ def quality_table(folder) -> str:
 
     for (f, stage), r in sorted(by.items(), key=lambda kv: (kv[0][0], list(STAGE_NAMES).index(kv[0][1])
                                                            if kv[0][1] in STAGE_NAMES else 9)):
-        lines.append(f"| {r['recipe']} | {r['method']} | {STAGE_NAMES.get(stage, stage)} | "
+        lines.append(f"| {r['recipe']} | {r['method']} | {r['calibration']} | "
                      f"{(r['active'] or 0) * 100:.0f}% | {cell(r.get('wikitext'))} | {cell(r.get('stdlib'))} | "
                      f"{r['tokens']:,} | {r['seconds'] if r['seconds'] is not None else '-'} | {r['machine']} |")
     return "\n".join(lines) + "\n"

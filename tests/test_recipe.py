@@ -151,7 +151,8 @@ def test_intermediate_stages_on_fewer_datasets(tmp_path, text_file):
 
 def test_quality_table_from_reports(tmp_path):
     report = {"recipe": {"name": "r"}, "method": "coactivation E12 S4 K4", "machine": {"summary": "CPU"},
-              "calibration_tokens": {"converted": 0, "e2e": 100}, "seconds_to_stage": {"converted": 1.0, "e2e": 9.0},
+              "calibration_tokens": {"converted": 0, "layerwise": 10, "e2e": 100},
+              "seconds_to_stage": {"converted": 1.0, "layerwise": 3.0, "e2e": 9.0},
               "evaluations": [
                   {"stage": "dense", "dataset": "wikitext", "perplexity": 20.0, "active_ffn_fraction": 1.0},
                   {"stage": "converted", "dataset": "wikitext", "perplexity": 80.0, "active_ffn_fraction": 0.5},
@@ -166,6 +167,11 @@ def test_quality_table_from_reports(tmp_path):
     assert "| none | 50% | 80.00 (4.00x)" in lines[2] and "layer-wise + end-to-end | 50% | 30.00 (1.50x)" in lines[3]
     assert "| static pruning, bias-compensated | end-to-end (the recipe's e2e budget) | 50% | 25.00 (1.25x)" in lines[4]
     assert "| 64 | 5.0 |" in lines[4]
+    # a recipe without a layer-wise stage: its e2e row says end-to-end alone
+    report["calibration_tokens"].pop("layerwise")
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    lines = CliRunner().invoke(main, ["quality-table", str(tmp_path)]).output.strip().splitlines()
+    assert "| end-to-end | 50% | 30.00 (1.50x)" in lines[3]
     bad = CliRunner().invoke(main, ["quality-table", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "no such folder" in bad.output
 
