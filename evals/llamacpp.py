@@ -135,7 +135,9 @@ def throughput(path, prompt: int = 512, decode: int = 128, threads: int = 2, rep
 
 def system_info() -> dict:
     llama_cpp = llama_cpp_module()
-    info = {"llama_cpp_python": llama_cpp.__version__}
+    # which build ran: its CPU features (system_info) and where it was imported from (a second build can be put
+    # first on PYTHONPATH, e.g. one with AVX-512 for this machine; the flags it was built with are not recorded)
+    info = {"llama_cpp_python": llama_cpp.__version__, "module": str(Path(llama_cpp.__file__).parent)}
     try:
         info["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
     except Exception:  # pragma: no cover - informational only
@@ -215,7 +217,7 @@ def bench(dense, converted: list, dtypes: list[str], json_path, threads: int = 2
               "config": {"threads": threads, "repeats": repeats, "prompt_tokens": prompt, "decode_tokens": decode,
                          "batch": 1, "statistic": "median",
                          "protocol": "every dtype's models loaded together, measured in turn (one warm-up run each, "
-                                     "then `repeats` rounds of one run each)", "cmake_args": CMAKE_ARGS},
+                                     "then `repeats` rounds of one run each)"},
               "results": rows}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
