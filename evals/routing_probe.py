@@ -80,8 +80,10 @@ class Probe:
             st["ks"].append(sel.sum(1))
         else:
             sel = selection(p, K)
+        # the block's weights (renormalised over the chosen, times its scale); with dynamic k, times k / top-k,
+        # so that each chosen expert keeps the weight it has on average at top-k
         w = p * sel
-        w = w / w.sum(1, keepdim=True) * sel.sum(1, keepdim=True)
+        w = w / w.sum(1, keepdim=True) * block.routing.scale * sel.sum(1, keepdim=True) / K
         y = (w[:, :, None] * Y).sum(1)
         if block.shared_expert is not None:
             y = y + block.shared_expert(x_TD)
@@ -113,6 +115,12 @@ def probing(model, kmax: int = 4):
     blocks = moe_blocks(model)
     if not blocks:
         raise ValueError("no MoE blocks: the routing probe needs a converted model")
+    for i, b in enumerate(blocks):
+        r = b.routing
+        if r.score_func != "softmax" or not r.renormalize or len(b.extensions):
+            raise ValueError(f"MoE block {i}: the probe handles softmax routing renormalised over the chosen experts "
+                             f"and no extension pools (this block: {r.score_func}, renormalize={r.renormalize}, "
+                             f"{len(b.extensions)} pools)")
     probe = Probe(kmax)
     for b in blocks:
         b.forward = types.MethodType(lambda self, x: probe.block_forward(self, x), b)

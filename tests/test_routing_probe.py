@@ -1,6 +1,8 @@
 """The inference-only routing probe (evals/routing_probe.py): its control reproduces the model, the
 conditional-mean compensation and the dynamic-k threshold are what they claim, and the model is restored."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -77,8 +79,14 @@ def test_threshold_gives_the_mean_k_within_bounds():
     assert torch.all((p * sel).max(1).values == p.max(1).values)
 
 
-def test_probe_refuses_a_dense_model(tmp_path):
+def test_probe_refuses_a_dense_model_and_routing_it_does_not_reproduce(tmp_path):
     dense = surgery.load(make_llama(tmp_path / "d", ffn=96, layers=2))
     with pytest.raises(ValueError, match="converted model"):
         with probing(dense):
+            pass
+    model = _model(tmp_path)
+    b = moe_blocks(model)[1]
+    b.routing = dataclasses.replace(b.routing, score_func="sigmoid")
+    with pytest.raises(ValueError, match="MoE block 1: .*sigmoid"):
+        with probing(model):
             pass
