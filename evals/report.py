@@ -91,13 +91,19 @@ def plot_expert_load(fractions: list[list[float]], path, title: str = "expert lo
 
 
 def plot_ppl_vs_active(points: list[dict], path, title: str = "perplexity vs active FFN fraction") -> Path:
-    """points: {"label", "active", "dataset", "perplexity"}; one line per dataset (log-scale perplexity)."""
+    """points: {"label", "active", "dataset", "perplexity"}; one line per dataset (log-scale perplexity). Points
+    labelled "static" (the static-pruning baseline) are hollow squares off the line, labelled below it, so that
+    a baseline at the converted model's perplexity stays readable."""
     with _log_ppl_figure(path, title, "active FFN fraction", "perplexity") as ax:
         for ds in sorted({p["dataset"] for p in points}):
-            pts = sorted((p for p in points if p["dataset"] == ds), key=lambda p: p["active"])
-            ax.plot([p["active"] for p in pts], [p["perplexity"] for p in pts], "o-", label=ds)
+            pts = sorted((p for p in points if p["dataset"] == ds and p["label"] != "static"), key=lambda p: p["active"])
+            line, = ax.plot([p["active"] for p in pts], [p["perplexity"] for p in pts], "o-", label=ds)
             for p in pts:
                 ax.annotate(p["label"], (p["active"], p["perplexity"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            for p in (p for p in points if p["dataset"] == ds and p["label"] == "static"):
+                ax.plot([p["active"]], [p["perplexity"]], "s", mfc="none", ms=9, color=line.get_color())
+                ax.annotate("static pruning", (p["active"], p["perplexity"]), fontsize=7, xytext=(3, -10),
                             textcoords="offset points")
     return Path(path)
 
