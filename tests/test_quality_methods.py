@@ -320,6 +320,27 @@ def test_e2e_router_lr_scale_sets_the_routers_step(tiny, scale):
         assert sum(moved[scale][n] for n in routers) > 5 * sum(moved[1.0][n] for n in routers)
 
 
+def test_e2e_expert_lr_scale_sets_the_routed_experts_step_only(tiny):
+    """e2e.expert_lr_scale multiplies the routed experts' learning rate only: at 0 they stay as converted while
+    the routers and the shared expert train; at 3 they move further than at 1 over the same steps."""
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for s in (1.0, 0.0, 3.0):
+        student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, shared_experts=2, top_k=2, seed=1))
+        set_impl(student, "masked")
+        before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-4, autocast="off", train="moe",
+                             expert_lr_scale=s)
+        run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False)
+        after = dict(student.named_parameters())
+        moved[s] = {n: (after[n] - before[n]).norm().item() for n in before}
+    experts = [n for n in moved[1.0] if ".experts." in n]
+    others = [n for n in moved[1.0] if "router.weight" in n or "shared_expert" in n]
+    assert experts and any("shared_expert" in n for n in others)
+    assert all(moved[0.0][n] == 0 for n in experts) and all(moved[0.0][n] > 0 for n in others)
+    assert sum(moved[3.0][n] for n in experts) > 2 * sum(moved[1.0][n] for n in experts)
+
+
 def test_e2e_transition_ends_at_target_k_and_restores_routing(tiny, tmp_path):
     teacher = surgery.load(tiny)
     student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
