@@ -24,18 +24,11 @@ import types
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as Fn
 
+from surgery.calibrate import _expert_outputs
 from surgery.moe import MoEBlock, moe_blocks
 
 MODES = ("topk", "cmean", "dyn")
-
-
-def expert_outputs(block: MoEBlock, x_TD: torch.Tensor) -> torch.Tensor:
-    """[T, E, D]: every routed expert's output for every token (unweighted)."""
-    e = block.experts
-    h = Fn.silu(torch.einsum("td,efd->tef", x_TD, e.gate_proj)) * torch.einsum("td,efd->tef", x_TD, e.up_proj)
-    return torch.einsum("tef,edf->ted", h, e.down_proj)
 
 
 def selection(p_TE: torch.Tensor, k: int, tau: float | None = None, kmax: int | None = None) -> torch.Tensor:
@@ -73,7 +66,7 @@ class Probe:
         x_TD = x.reshape(-1, block.hidden).float()
         K = block.routing.top_k
         p = torch.softmax(block.router_logits(x_TD), -1)
-        Y = expert_outputs(block, x_TD)
+        Y = _expert_outputs(block, x_TD)  # [T, E, D], every routed expert on every token
         st = self.stats.setdefault(id(block), {"p": [], "ysum": 0.0, "cnt": 0.0, "ks": []})
         if self.mode == "dyn":
             sel = selection(p, K, st["tau"], self.kmax)
