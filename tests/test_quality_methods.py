@@ -295,21 +295,25 @@ def test_e2e_compiled_trains_like_eager(tiny, impl):
     assert r["worst"] <= 1e-6  # every weight: |compiled - eager| <= 1e-4 |eager| + 1e-6
 
 
+def _moved_after_e2e(tiny, convert: ConvertConfig, **e2e) -> dict[str, float]:
+    """How far each parameter of a freshly converted tiny student moves (norm of the change) over a short
+    end-to-end stage with these EndToEndConfig fields; the same data, seed and settings every call."""
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    student = convert_model(surgery.load(tiny), convert)
+    set_impl(student, "masked")
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-4, autocast="off", train="moe", **e2e)
+    run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False)
+    after = dict(student.named_parameters())
+    return {n: (after[n] - before[n]).norm().item() for n in before}
+
+
 @pytest.mark.parametrize("scale", [0.0, 30.0])
 def test_e2e_router_lr_scale_sets_the_routers_step(tiny, scale):
     """e2e.router_lr_scale multiplies the routers' learning rate only: at 0 the routers stay as converted while
     the experts train; at 30 the routers move further than at 1 over the same steps."""
-    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
-    moved = {}
-    for s in (1.0, scale):
-        student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
-        set_impl(student, "masked")
-        before = {n: p.detach().clone() for n, p in student.named_parameters()}
-        cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-4, autocast="off", train="moe",
-                             router_lr_scale=s)
-        run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False)
-        after = dict(student.named_parameters())
-        moved[s] = {n: (after[n] - before[n]).norm().item() for n in before}
+    moved = {s: _moved_after_e2e(tiny, ConvertConfig(experts=8, top_k=2, seed=1), router_lr_scale=s)
+             for s in (1.0, scale)}
     routers = [n for n in moved[1.0] if n.endswith("router.weight")]
     experts = [n for n in moved[1.0] if ".experts." in n]
     assert routers and experts
@@ -323,17 +327,8 @@ def test_e2e_router_lr_scale_sets_the_routers_step(tiny, scale):
 def test_e2e_expert_lr_scale_sets_the_routed_experts_step_only(tiny):
     """e2e.expert_lr_scale multiplies the routed experts' learning rate only: at 0 they stay as converted while
     the routers and the shared expert train; at 3 they move further than at 1 over the same steps."""
-    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
-    moved = {}
-    for s in (1.0, 0.0, 3.0):
-        student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, shared_experts=2, top_k=2, seed=1))
-        set_impl(student, "masked")
-        before = {n: p.detach().clone() for n, p in student.named_parameters()}
-        cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-4, autocast="off", train="moe",
-                             expert_lr_scale=s)
-        run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False)
-        after = dict(student.named_parameters())
-        moved[s] = {n: (after[n] - before[n]).norm().item() for n in before}
+    convert = ConvertConfig(experts=8, shared_experts=2, top_k=2, seed=1)
+    moved = {s: _moved_after_e2e(tiny, convert, expert_lr_scale=s) for s in (1.0, 0.0, 3.0)}
     experts = [n for n in moved[1.0] if ".experts." in n]
     others = [n for n in moved[1.0] if "router.weight" in n or "shared_expert" in n]
     assert experts and any("shared_expert" in n for n in others)
