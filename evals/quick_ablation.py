@@ -10,7 +10,8 @@ per-layer budgets on the converted model, as `python -m surgery_evals.layer_kl` 
 and no "convert" block the dense model itself goes through the "e2e" block (distilled from its own copy: the
 control for losses that adapt to the text, such as e2e.ce_weight). The profile
 (16k tokens of WikiText-2 valid, as the recipes) and each conversion are cached under runs/ablation-cache/, so
-ablations of calibration on one structure do not convert again. Short budgets, 8k-token evaluations: for
+ablations of calibration on one structure do not convert again. `--save DIR` also writes the calibrated
+student as a native model folder (for `surgery_evals.routing_probe` and the like). Short budgets, 8k-token evaluations: for
 choosing, not for final numbers.
 """
 
@@ -61,7 +62,7 @@ def converted_student(convert_spec: dict, cache_dir="runs/ablation-cache", sourc
 
 
 def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/ablation-cache",
-         source="runs/smollm2") -> dict:
+         source="runs/smollm2", save: str | None = None) -> dict:
     from surgery.calibrate import CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate
     from surgery.modeling import load_model, load_tokenizer, set_layer_routing
     from surgery.moe import set_impl
@@ -93,6 +94,11 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
             res["e2e_kd_first_last10"] = [h[0]["kd"], round(sum(x["kd"] for x in h[-10:]) / min(10, len(h)), 5)]
             res["e2e_tokens_per_s"] = round(r["e2e"]["tokens"] / max(1e-9, r["e2e"]["seconds"]), 1)
     set_impl(student, "masked")  # the same function as the grouped path, faster to evaluate on a CPU
+    if save:  # the calibrated student as a native model folder, for diagnostics (routing_probe, layer_kl)
+        from surgery.modeling import save_converted
+
+        save_converted(student, save, tokenizer_from=source, overwrite=True)
+        res["saved"] = save
     return _evaluate(student, tok, res, out)
 
 
@@ -135,4 +141,7 @@ def _dense_control(spec: dict, tok, teacher, source, out) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--save"):
+        sys.exit("usage: python -m surgery_evals.quick_ablation 'JSON spec' [--save DIR]")
+    main(args[0], save=args[2] if len(args) == 3 else None)

@@ -7,6 +7,13 @@
   dyn     dynamic k: the experts whose softmax probability reaches a per-layer threshold tau, at least 1 and
           at most --kmax, weights renormalised over them times their count (as top-k's are); tau is set on
           the calibration tokens so that the mean k there equals the block's top-k
+  oracle  the k routed experts with the largest output norm on this token (a router that knows each expert's
+          contribution, item 2's ceiling at this granularity), weighted by the router's probabilities
+          renormalised over them as top-k's are: how much a better router could still give
+  refit   the block's own routing with its router's weights refitted, experts frozen, to choose what the oracle
+          chooses (cross-entropy of the router's softmax to the oracle's top-k, Adam from the current weights,
+          --refit-tokens of WikiText-2 valid): the part of the oracle's gain a linear router can learn. Only
+          router weights change, so it would export exactly
 
 Statistics (conditional means, thresholds) come from --calib-tokens of WikiText-2 *validation*; perplexity is
 measured on the evaluation sets as everywhere else. Every expert is computed for every token (a reference, not a
@@ -28,7 +35,7 @@ import torch
 from surgery.calibrate import _expert_outputs
 from surgery.moe import MoEBlock, moe_blocks
 
-MODES = ("topk", "cmean", "dyn")
+MODES = ("topk", "cmean", "dyn", "oracle", "refit")
 
 
 def selection(p_TE: torch.Tensor, k: int, tau: float | None = None, kmax: int | None = None) -> torch.Tensor:
@@ -65,12 +72,22 @@ class Probe:
         shape, dtype = x.shape, x.dtype
         x_TD = x.reshape(-1, block.hidden).float()
         K = block.routing.top_k
-        p = torch.softmax(block.router_logits(x_TD), -1)
+        st = self.stats.setdefault(id(block), {"p": [], "ysum": 0.0, "cnt": 0.0, "ks": [], "agree": [], "x": [],
+                                               "norm": []})
+        if self.mode == "refit":
+            p = torch.softmax(x_TD @ st["W_refit"].T, -1)
+        else:
+            p = torch.softmax(block.router_logits(x_TD), -1)
         Y = _expert_outputs(block, x_TD)  # [T, E, D], every routed expert on every token
-        st = self.stats.setdefault(id(block), {"p": [], "ysum": 0.0, "cnt": 0.0, "ks": []})
+        if self.mode == "gather":  # inputs and expert output norms for the refit
+            st["x"].append(x_TD)
+            st["norm"].append(Y.norm(dim=-1))
         if self.mode == "dyn":
-            sel = selection(p, K, st["tau"], self.kmax)
+            sel = selection(p, K, st["tau"], min(self.kmax, p.shape[1]))  # a block may have fewer than kmax experts
             st["ks"].append(sel.sum(1))
+        elif self.mode == "oracle":
+            sel = selection(Y.norm(dim=-1), K)
+            st["agree"].append((sel * selection(p, K)).sum(1) / K)
         else:
             sel = selection(p, K)
         # the block's weights (renormalised over the chosen, times its scale); with dynamic k, times k / top-k,
@@ -88,18 +105,45 @@ class Probe:
             y = y + (1 - sel) @ st["mu"]
         return y.reshape(shape).to(dtype)
 
+    def fit_routers(self, blocks: list[MoEBlock], steps: int, lr: float = 1e-3) -> list[dict]:
+        """Each block's router weights refitted to the gathered oracle choices (see `refit`); per block the share
+        of the oracle's experts chosen before and after, on the fitting tokens."""
+        out = []
+        for b in blocks:
+            st = self.stats[id(b)]
+            x, K = torch.cat(st["x"]), b.routing.top_k
+            target = selection(torch.cat(st["norm"]), K) / K
+            st["x"], st["norm"] = [], []
+            W = b.router.weight.detach().float().clone().requires_grad_()
+            opt = torch.optim.Adam([W], lr=lr)
+            with torch.enable_grad():
+                for _ in range(steps):
+                    loss = -(target * torch.log_softmax(x @ W.T, -1)).sum(1).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            st["W_refit"] = W.detach()
+            agree = [round(((selection(x @ w.T, K) * target).sum(1)).mean().item(), 4)
+                     for w in (b.router.weight.detach().float(), st["W_refit"])]
+            out.append({"agree_before": agree[0], "agree_after": agree[1]})
+        return out
+
     def finish_collect(self, blocks: list[MoEBlock]) -> None:
         for b in blocks:
             st = self.stats[id(b)]
             st["mu"] = st["ysum"] / st["cnt"].clamp(min=1)[:, None]
-            st["tau"] = threshold_for_mean_k(torch.cat(st["p"]), b.routing.top_k, self.kmax)
+            p = torch.cat(st["p"])
+            st["tau"] = threshold_for_mean_k(p, b.routing.top_k, min(self.kmax, p.shape[1]))
             st["p"] = []
 
-    def take_ks(self, blocks: list[MoEBlock]) -> torch.Tensor:
-        ks = torch.cat([k for b in blocks for k in self.stats[id(b)]["ks"]])
-        for b in blocks:
-            self.stats[id(b)]["ks"] = []
-        return ks
+    def take(self, blocks: list[MoEBlock], key: str = "ks") -> torch.Tensor:
+        """What `key` gathered over every block since the last take ("ks": dyn's k per token; "agree": the
+        share of the oracle's experts that the router chose too), emptied."""
+        sts = [self.stats[id(b)] for b in blocks if id(b) in self.stats]  # blocks that ran
+        out = torch.cat([v for st in sts for v in st[key]])
+        for st in sts:
+            st[key] = []
+        return out
 
 
 @contextmanager
@@ -132,6 +176,14 @@ def collect(model, probe: Probe, blocks, ids: torch.Tensor, chunk: int = 512) ->
     probe.finish_collect(blocks)
 
 
+@torch.no_grad()
+def refit(model, probe: Probe, blocks, ids: torch.Tensor, steps: int, chunk: int = 512) -> list[dict]:
+    probe.mode = "gather"
+    for i in range(0, ids.numel(), chunk):
+        model(input_ids=ids[None, i:i + chunk], use_cache=False)
+    return probe.fit_routers(blocks, steps)
+
+
 def main(argv=None) -> dict:
     from surgery import load
     from surgery.data import resolve_data, tokenize_file
@@ -144,23 +196,36 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", required=True)
     ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens per set (ctx 1024)")
     ap.add_argument("--calib-tokens", type=int, default=4096, help="WikiText-2 valid tokens for the statistics")
-    ap.add_argument("--kmax", type=int, default=4)
+    ap.add_argument("--kmax", type=int, default=4, help="dyn: the most experts a token may take (at most E)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--refit-tokens", type=int, default=16384, help="refit: WikiText-2 valid tokens to fit on")
+    ap.add_argument("--refit-steps", type=int, default=300, help="refit: full-batch Adam steps per router")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        ap.error(f"--modes: unknown {bad or 'empty'}; choose from {', '.join(MODES)}")
     model, tok = load(args.model), load_tokenizer(args.model)
     model.eval()
     out = {"model": args.model, "tokens": args.tokens, "calib_tokens": args.calib_tokens, "kmax": args.kmax,
            "results": {}, "machine": machine()}
     with probing(model, args.kmax) as (probe, blocks):
         collect(model, probe, blocks, tokenize_file(tok, resolve_data("wikitext-valid"), args.calib_tokens))
+        if "refit" in modes:
+            out["refit"] = {"tokens": args.refit_tokens, "steps": args.refit_steps, "layers": refit(
+                model, probe, blocks, tokenize_file(tok, resolve_data("wikitext-valid"), args.refit_tokens),
+                args.refit_steps)}
         for ds in ("wikitext-test", "stdlib"):
-            for mode in MODES:
+            for mode in modes:
                 probe.mode = mode
                 r = perplexity(model, tok, resolve_data(ds), max_tokens=args.tokens, ctx=1024, progress=False)
                 row = {"perplexity": round(r["perplexity"], 3)}
                 if mode == "dyn":
-                    ks = probe.take_ks(blocks)
+                    ks = probe.take(blocks)
                     row.update(mean_k=round(ks.mean().item(), 3), max_k=int(ks.max()))
+                if mode == "oracle":
+                    row["router_agreement"] = round(probe.take(blocks, "agree").mean().item(), 4)
                 out["results"].setdefault(ds, {})[mode] = row
                 print(ds, mode, row, flush=True)
     with open(args.json, "w") as f:

@@ -90,3 +90,69 @@ def test_probe_refuses_a_dense_model_and_routing_it_does_not_reproduce(tmp_path)
     with pytest.raises(ValueError, match="MoE block 1: .*sigmoid"):
         with probing(model):
             pass
+
+
+@torch.no_grad()
+def test_oracle_chooses_the_experts_with_the_largest_outputs_and_reports_agreement(tmp_path):
+    model = _model(tmp_path)
+    block = moe_blocks(model)[0]
+    x = torch.randn(6, block.hidden, generator=torch.Generator().manual_seed(5))
+    e = block.experts
+    Y = torch.stack([(torch.nn.functional.silu(x @ e.gate_proj[j].T) * (x @ e.up_proj[j].T)) @ e.down_proj[j].T
+                     for j in range(block.num_experts)], 1)  # [T, E, D] by hand
+    p = torch.softmax(block.router_logits(x), -1)
+    chosen = Y.norm(dim=-1).topk(2, -1).indices
+    w = torch.gather(p, 1, chosen)
+    w = w / w.sum(1, keepdim=True) * block.routing.scale
+    want = (w[:, :, None] * torch.gather(Y, 1, chosen[:, :, None].expand(-1, -1, Y.shape[-1]))).sum(1)
+    want = want + block.shared_expert(x)
+    with probing(model) as (probe, blocks):
+        probe.mode = "oracle"
+        got = block(x)
+        agree = probe.take(blocks, "agree")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    by_hand = torch.tensor([len(set(chosen[t].tolist()) & set(p[t].topk(2).indices.tolist())) / 2 for t in range(6)])
+    torch.testing.assert_close(agree, by_hand)
+
+
+@torch.no_grad()
+def test_dyn_with_kmax_above_the_number_of_experts(tmp_path):
+    model = _model(tmp_path)  # 6 routed experts per block
+    with probing(model, kmax=16) as (probe, blocks):
+        collect(model, probe, blocks, _ids(model, 64, 2)[0], chunk=32)
+        probe.mode = "dyn"
+        model(input_ids=_ids(model, 16, 3), use_cache=False)
+        ks = probe.take(blocks)
+    assert ks.max() <= moe_blocks(model)[0].num_experts and ks.min() >= 1
+
+
+@torch.no_grad()
+def test_refit_learns_the_oracles_choices_and_leaves_the_router_alone(tmp_path):
+    from surgery_evals.routing_probe import refit
+
+    model = _model(tmp_path)
+    routers = [b.router.weight.clone() for b in moe_blocks(model)]
+    ids = _ids(model, 16, 4)
+    with probing(model) as (probe, blocks):
+        probe.mode = "topk"
+        want = model(input_ids=ids, use_cache=False).logits
+        zero = refit(model, probe, blocks, _ids(model, 128, 5)[0], steps=0, chunk=64)
+        probe.mode = "refit"  # no steps: the refitted router is the router
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, want, atol=1e-5, rtol=1e-5)
+        fitted = refit(model, probe, blocks, _ids(model, 128, 5)[0], steps=200, chunk=64)
+        # in use: the block routes by the refitted weights, as if they were its router's
+        block = blocks[0]
+        x = torch.randn(7, block.hidden, generator=torch.Generator().manual_seed(6))
+        probe.mode = "refit"
+        got = block(x)
+        probe.mode = "topk"
+        saved = block.router.weight.clone()
+        block.router.weight.copy_(probe.stats[id(block)]["W_refit"])
+        want_block = block(x)
+        block.router.weight.copy_(saved)
+    torch.testing.assert_close(got, want_block, atol=1e-5, rtol=1e-5)
+    assert all(z["agree_before"] == z["agree_after"] for z in zero)
+    for f in fitted:  # on the fitting tokens the refitted router picks more of the oracle's experts
+        assert f["agree_after"] > f["agree_before"]
+    for w, b in zip(routers, moe_blocks(model)):
+        assert torch.equal(w, b.router.weight)
