@@ -143,5 +143,6 @@ if __name__ == "__main__":
     torch.set_num_threads(2)
     args = sys.argv[1:]
     if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--save"):
-        sys.exit("usage: python -m surgery_evals.quick_ablation 'JSON spec' [--save DIR]")
+        print("usage: python -m surgery_evals.quick_ablation 'JSON spec' [--save DIR]", file=sys.stderr)
+        sys.exit(2)
     main(args[0], save=args[2] if len(args) == 3 else None)
