@@ -22,6 +22,12 @@ def _model(tmp_path):
     return model.eval()
 
 
+def _expert_by_hand(block, x, j):
+    """Routed expert j's SwiGLU output on x, written out (the reference the probe's statistics are checked against)."""
+    e = block.experts
+    return (torch.nn.functional.silu(x @ e.gate_proj[j].T) * (x @ e.up_proj[j].T)) @ e.down_proj[j].T
+
+
 def _ids(model, n, seed):
     return torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -52,9 +58,8 @@ def test_cmean_adds_each_unchosen_experts_mean_when_unchosen(tmp_path):
         # by hand, expert by expert: the mean of expert e's output over the tokens whose top-2 left e out
         p = torch.softmax(block.router_logits(x), -1)
         chosen = p.topk(2, -1).indices
-        e = block.experts
         for j in range(block.num_experts):
-            out = (torch.nn.functional.silu(x @ e.gate_proj[j].T) * (x @ e.up_proj[j].T)) @ e.down_proj[j].T
+            out = _expert_by_hand(block, x, j)
             left_out = ~(chosen == j).any(1)
             assert left_out.any()
             torch.testing.assert_close(probe.stats[id(block)]["mu"][j], out[left_out].mean(0), atol=1e-5, rtol=1e-4)
@@ -97,9 +102,7 @@ def test_oracle_chooses_the_experts_with_the_largest_outputs_and_reports_agreeme
     model = _model(tmp_path)
     block = moe_blocks(model)[0]
     x = torch.randn(6, block.hidden, generator=torch.Generator().manual_seed(5))
-    e = block.experts
-    Y = torch.stack([(torch.nn.functional.silu(x @ e.gate_proj[j].T) * (x @ e.up_proj[j].T)) @ e.down_proj[j].T
-                     for j in range(block.num_experts)], 1)  # [T, E, D] by hand
+    Y = torch.stack([_expert_by_hand(block, x, j) for j in range(block.num_experts)], 1)  # [T, E, D]
     p = torch.softmax(block.router_logits(x), -1)
     chosen = Y.norm(dim=-1).topk(2, -1).indices
     w = torch.gather(p, 1, chosen)
