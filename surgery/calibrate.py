@@ -99,7 +99,12 @@ class EndToEndConfig:
     lora_alpha: float = 32.0
     balance: float = 0.0
     concentration: float = 0.0
-    prior_weight: float = 0.0  # prior-approximate loss against each token's oracle experts (costs compute)
+    # FactorLLM's prior-approximate loss, end to end: this weight times the cross-entropy of each router's
+    # softmax against the token's top-k routed experts by output norm (the oracle of `surgery_evals.
+    # routing_probe`, -14% perplexity at 25% there), averaged over blocks. The KD loss alone never tells a
+    # router that an expert it did not choose would have served better. Costs every routed expert's gate and up
+    # projections once more per step (no gradient). 0: off.
+    prior_weight: float = 0.0
     # Hidden-state distillation: this weight times the mean over decoder layers of losses.block_error between
     # the student's and the teacher's residual stream after that layer (both forwards compute them anyway), so
     # that every layer is pulled back onto the teacher's trajectory, not only the logits. 0: logits only.
@@ -133,6 +138,8 @@ class EndToEndConfig:
             raise SurgeryError(f"e2e.average_tail {self.average_tail}: a fraction of the steps, in [0, 1]")
         if self.ce_weight < 0:
             raise SurgeryError(f"e2e.ce_weight {self.ce_weight}: a loss weight, >= 0")
+        if self.prior_weight < 0:
+            raise SurgeryError(f"e2e.prior_weight {self.prior_weight}: a loss weight, >= 0")
         if self.compile not in compiled.SETTINGS:
             raise SurgeryError(f"e2e.compile {self.compile!r}: choose auto, on or off")
 
@@ -494,6 +501,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         elapsed0 = resume_blob["state"].get("seconds", 0.0)
         torch.set_rng_state(resume_blob["rng"])
     base_routing = [b.routing for b in blocks]
+    for b in blocks:
+        b.oracle_on = cfg.prior_weight > 0
     head_impls = [m.impl for m in heads]
     for m in heads:
         m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
@@ -551,6 +560,9 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 hid, loss_h = None, 0.0
             router_logits = [b.last_router_logits for b in blocks if b.last_router_logits is not None]
             aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
+            if cfg.prior_weight:
+                aux = aux + cfg.prior_weight * losses.oracle_prior(
+                    router_logits, [b.last_oracle_scores for b in blocks], [b.routing.top_k for b in blocks])
             if heads:
                 aux = aux + head_cal.head_aux(heads, cfg.head_balance, cfg.head_concentration)
             total = loss + aux + loss_h + loss_ce
@@ -571,7 +583,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             if on_step is not None:
                 on_step()
             for b in blocks:
-                b.last_router_logits = None
+                b.last_router_logits = b.last_oracle_scores = None
             head_cal.clear_logits(heads)
             ce = ce_t.item()
             kd, aux_v = loss.item(), float(aux.detach() if torch.is_tensor(aux) else aux)
@@ -604,6 +616,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         compiled_stack.close()
         for b, r, impl in zip(blocks, base_routing, block_impls):
             b.routing, b.unit_mix, b.impl = r, 0.0, impl
+            b.oracle_on, b.last_oracle_scores = False, None
         for m, impl in zip(heads, head_impls):
             m.impl = impl
         head_cal.clear_logits(heads)

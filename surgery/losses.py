@@ -8,6 +8,7 @@ Router losses take router logits [T, E] (float32, as MoEBlock.last_router_logits
   * switch_balance    Switch/Mixtral's E * sum_e f_e P_e over the top-k assignment (1 when balanced).
   * prior_approx      FactorLLM's prior-approximate loss: cross-entropy of p(e|t) against a prior over experts
                       (e.g. the oracle top-k of which experts' outputs matter); 0 at the prior's entropy.
+  * oracle_prior      prior_approx against each token's top-k experts by a score (their output norms), over blocks.
 Output losses:
   * relative_mse      ||y - target||^2 / ||target||^2 averaged over tokens' squared norms (layer-wise).
   * token_relative_mse the mean over tokens of each token's own ||y - t||^2 / ||t||^2.
@@ -55,6 +56,14 @@ def topk_prior(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     """A prior with mass 1/k on each token's k highest-scoring experts."""
     idx = scores_TE.topk(k, -1).indices
     return torch.zeros_like(scores_TE, dtype=torch.float32).scatter_(1, idx, 1.0 / k)
+
+
+def oracle_prior(logits: list[torch.Tensor], scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor:
+    """prior_approx of each block's router logits [T, E] against its top-k oracle experts (scores [T, E], e.g.
+    router.expert_output_sq_norms), averaged over blocks: the end-to-end stage's prior-approximate loss."""
+    if not (len(logits) == len(scores) == len(ks)) or not logits:
+        raise ValueError(f"oracle_prior: {len(logits)} logits, {len(scores)} scores, {len(ks)} top-ks")
+    return torch.stack([prior_approx(lg, topk_prior(sc, k)) for lg, sc, k in zip(logits, scores, ks)]).mean()
 
 
 def relative_mse(y_TD: torch.Tensor, target_TD: torch.Tensor) -> torch.Tensor:

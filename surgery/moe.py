@@ -16,7 +16,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from surgery.precision import full_precision
-from surgery.router import RoutingConfig
+from surgery.router import RoutingConfig, expert_output_sq_norms
 
 
 def _float32_logits(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
@@ -87,6 +87,11 @@ class MoEBlock(nn.Module):
         self.dense_routing = False
         self.impl = "auto"  # "auto" (Triton on GPU when available), "triton", "reference", "masked" or "sorted"
         self.last_router_logits: torch.Tensor | None = None  # [T, E] float32, for the calibration losses
+        # Calibration's prior-approximate loss (EndToEndConfig.prior_weight): while on, a differentiable forward
+        # also keeps every routed expert's squared output norm on each token [T, E] (no gradient; the full
+        # routed width's gate and up projections once more).
+        self.oracle_on = False
+        self.last_oracle_scores: torch.Tensor | None = None
         # Calibration's transition schedule: routing weights w become (1 - m) w + m (m = 1 with every expert
         # selected is the dense model exactly); 0 outside calibration.
         self.unit_mix = 0.0
@@ -116,6 +121,11 @@ class MoEBlock(nn.Module):
 
             logits_TE = self.router_logits(x_TD)
             self.last_router_logits = logits_TE
+            if self.oracle_on and torch.is_grad_enabled():
+                with torch.no_grad():
+                    e = self.experts
+                    self.last_oracle_scores = expert_output_sq_norms(x_TD.detach(), e.gate_proj, e.up_proj,
+                                                                     e.down_proj)
             r = self.routing
             weights_TK, ids_TK = ops.route(logits_TE, r.top_k, r.score_func, r.renormalize, r.scale)
             if self.unit_mix:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as Fn
 
 from surgery.errors import SurgeryError
 
@@ -60,6 +61,19 @@ def oracle_scores(y_NED: torch.Tensor, target_ND: torch.Tensor) -> torch.Tensor:
     """How much each expert alone reduces the squared error to the target: 2<y_e, t> - ||y_e||^2 [N, E].
     Its top-k are the oracle labels (experts whose outputs matter most for this token)."""
     return 2 * torch.einsum("ned,nd->ne", y_NED, target_ND) - y_NED.pow(2).sum(-1)
+
+
+def expert_output_sq_norms(x_TD: torch.Tensor, gate_EFD: torch.Tensor, up_EFD: torch.Tensor,
+                           down_EDF: torch.Tensor) -> torch.Tensor:
+    """||expert_e(x_t)||^2 for every token and routed expert [T, E] (float32), without the [T, E, D] outputs:
+    with h = silu(W_gate x) * (W_up x) [T, E, F], ||W_down h||^2 = h^T (W_down^T W_down) h. Its top-k are the
+    output-norm oracle's choices (`surgery_evals.routing_probe --modes oracle`), the end-to-end stage's
+    prior-approximate labels (EndToEndConfig.prior_weight)."""
+    x = x_TD.float()
+    h = Fn.silu(torch.einsum("td,efd->tef", x, gate_EFD.float())) * torch.einsum("td,efd->tef", x, up_EFD.float())
+    d = down_EDF.float()
+    gram = torch.einsum("edf,edg->efg", d, d)
+    return (torch.einsum("tef,efg->teg", h, gram) * h).sum(-1).clamp_min(0)
 
 
 def route_weights(logits_NE: torch.Tensor, routing: RoutingConfig):

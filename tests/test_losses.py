@@ -44,6 +44,17 @@ def test_prior_approx_and_topk_prior():
     assert abs(matched - math.log(2)) < 1e-5  # the prior's own entropy: the minimum
 
 
+def test_oracle_prior_is_the_mean_prior_approx_over_blocks():
+    # block 1: a flat router against the top-2 {0, 2}: log 4; block 2: a router on exactly its top-2 {0, 2}: log 2
+    logits = [torch.zeros(1, 4), torch.tensor([[0.0, -1e4, 0.0, -1e4]])]
+    scores = [torch.tensor([[3.0, 1.0, 2.0, 0.0]]), torch.tensor([[5.0, 0.0, 4.0, 0.0]])]
+    assert abs(losses.oracle_prior(logits, scores, [2, 2]).item() - (math.log(4) + math.log(2)) / 2) < 1e-5
+    # top-1 of the second block is expert 0 alone: a router splitting 0 and 2 evenly pays log 2 there
+    assert abs(losses.oracle_prior(logits[1:], scores[1:], [1]).item() - math.log(2)) < 1e-5
+    with pytest.raises(ValueError, match="oracle_prior"):
+        losses.oracle_prior(logits, scores[:1], [2, 2])
+
+
 def test_relative_mse():
     t = torch.tensor([[3.0, 4.0]])
     assert losses.relative_mse(t, t).item() == 0.0

@@ -5,8 +5,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as Fn
 
 import surgery
+from surgery import losses
 from surgery import calibrate as calibrate_mod
 from surgery import compiled
 from surgery.calibrate import EndToEndConfig, _epoch_order, _routing_at, run_end_to_end
@@ -14,7 +16,7 @@ from surgery.convert import ConvertConfig, convert_model
 from surgery.errors import SurgeryError
 from surgery.moe import moe_blocks, set_impl
 from surgery.precision import autocast_on, fast_bf16, precision_plan
-from surgery.router import RoutingConfig
+from surgery.router import RoutingConfig, expert_output_sq_norms
 from surgery_evals.baselines import apply_baseline, static_keep
 from surgery_kernels import reference
 
@@ -220,6 +222,65 @@ def test_e2e_average_tail_ends_on_the_mean_of_the_last_steps(tiny):
         run_end_to_end(convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1)),
                        surgery.load(tiny), ids, EndToEndConfig(tokens=384, ctx=32, batch_size=2, average_tail=1.5),
                        progress=False)
+
+
+def test_expert_output_sq_norms_equal_each_experts_output_norm():
+    gate, up, down = _experts()
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(3))
+    want = torch.stack([(Fn.silu(x @ gate[e].T) * (x @ up[e].T) @ down[e].T).pow(2).sum(-1)
+                        for e in range(gate.shape[0])], 1)
+    got = expert_output_sq_norms(x, gate, up, down)
+    assert got.shape == (7, 6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_moe_block_keeps_oracle_scores_only_while_asked_and_differentiating(tiny):
+    block = moe_blocks(convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1)))[0]
+    x = torch.randn(2, 5, block.hidden, generator=torch.Generator().manual_seed(0))
+    e = block.experts
+    block(x)
+    assert block.last_oracle_scores is None  # off by default
+    block.oracle_on = True
+    with torch.no_grad():
+        block(x)
+    assert block.last_oracle_scores is None  # inference never pays for it
+    block(x)
+    want = expert_output_sq_norms(x.reshape(-1, block.hidden), e.gate_proj, e.up_proj, e.down_proj)
+    assert block.last_oracle_scores.shape == (10, 8) and not block.last_oracle_scores.requires_grad
+    torch.testing.assert_close(block.last_oracle_scores, want)
+
+
+def test_e2e_prior_weight_trains_routers_towards_the_oracle(tiny):
+    """e2e.prior_weight: each step's aux is the weight times losses.oracle_prior of the blocks' router logits and
+    oracle scores (recomputed by hand from what the step left), it falls as the routers train, it is 0 without
+    the weight, and the blocks stop computing oracle scores when the stage ends."""
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    for w in (0.0, 2.0):
+        cfg = EndToEndConfig(tokens=640, ctx=32, batch_size=2, lr=1e-2, autocast="off", train="router",
+                             prior_weight=w)
+        student = convert_model(surgery.load(tiny), ConvertConfig(experts=8, top_k=2, seed=1))
+        blocks = moe_blocks(student)
+        by_hand = []
+
+        def after_step():
+            scores = [b.last_oracle_scores for b in blocks]
+            if w:
+                by_hand.append(w * losses.oracle_prior([b.last_router_logits for b in blocks], scores, [2, 2]).item())
+            else:
+                assert scores == [None, None]
+
+        aux = [h["aux"] for h in run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False,
+                                                on_step=after_step)["history"]]
+        assert len(aux) == 10
+        assert all(not b.oracle_on and b.last_oracle_scores is None for b in blocks)
+        if not w:
+            assert aux == [0.0] * 10
+            continue
+        for a, b in zip(aux, by_hand):
+            assert abs(a - b) < 1e-5 * b
+        assert sum(aux[-3:]) < sum(aux[:3])
+    with pytest.raises(SurgeryError, match="prior_weight"):
+        EndToEndConfig(prior_weight=-1.0)
 
 
 def test_compile_setting_decides_where_layers_compile(monkeypatch):
