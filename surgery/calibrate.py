@@ -105,6 +105,11 @@ class EndToEndConfig:
     # router that an expert it did not choose would have served better. Costs every routed expert's gate and up
     # projections once more per step (no gradient). 0: off.
     prior_weight: float = 0.0
+    # Straight-through routing gradient (MoEBlock.router_ste): the routing weights' value unchanged, their
+    # gradient that of log P(chosen experts). Renormalised softmax top-k routing otherwise gives the router no
+    # gradient for the mass on the chosen experts, and at top-1 none at all (the 25% recipe's routers never moved
+    # end to end).
+    router_ste: bool = False
     # Hidden-state distillation: this weight times the mean over decoder layers of losses.block_error between
     # the student's and the teacher's residual stream after that layer (both forwards compute them anyway), so
     # that every layer is pulled back onto the teacher's trajectory, not only the logits. 0: logits only.
@@ -502,7 +507,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         torch.set_rng_state(resume_blob["rng"])
     base_routing = [b.routing for b in blocks]
     for b in blocks:
-        b.oracle_on = cfg.prior_weight > 0
+        b.oracle_on, b.router_ste = cfg.prior_weight > 0, cfg.router_ste
     head_impls = [m.impl for m in heads]
     for m in heads:
         m.impl = "masked"  # every head computed, routing weights differentiable (sparse is for inference)
@@ -616,7 +621,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         compiled_stack.close()
         for b, r, impl in zip(blocks, base_routing, block_impls):
             b.routing, b.unit_mix, b.impl = r, 0.0, impl
-            b.oracle_on, b.last_oracle_scores = False, None
+            b.oracle_on, b.last_oracle_scores, b.router_ste = False, None, False
         for m, impl in zip(heads, head_impls):
             m.impl = impl
         head_cal.clear_logits(heads)

@@ -92,6 +92,12 @@ class MoEBlock(nn.Module):
         # routed width's gate and up projections once more).
         self.oracle_on = False
         self.last_oracle_scores: torch.Tensor | None = None
+        # Calibration's straight-through routing signal (EndToEndConfig.router_ste): with softmax scores renormalised
+        # over the top-k, the weights carry no gradient for how much mass the chosen experts hold (at top-1 the
+        # weight is always 1: the router gets no gradient at all). While on, the weights are multiplied by
+        # 1 + log P(chosen) - stop_gradient(log P(chosen)): the same value, and the gradient of log P(chosen)
+        # times the loss's sensitivity to the chosen experts' weighted output.
+        self.router_ste = False
         # Calibration's transition schedule: routing weights w become (1 - m) w + m (m = 1 with every expert
         # selected is the dense model exactly); 0 outside calibration.
         self.unit_mix = 0.0
@@ -128,6 +134,9 @@ class MoEBlock(nn.Module):
                                                                      e.down_proj)
             r = self.routing
             weights_TK, ids_TK = ops.route(logits_TE, r.top_k, r.score_func, r.renormalize, r.scale)
+            if self.router_ste and r.renormalize and r.score_func == "softmax" and torch.is_grad_enabled():
+                logp_T = torch.logsumexp(logits_TE.gather(1, ids_TK), -1) - torch.logsumexp(logits_TE, -1)
+                weights_TK = weights_TK * (1 + logp_T - logp_T.detach()).to(weights_TK.dtype)[:, None]
             if self.unit_mix:
                 weights_TK = (1 - self.unit_mix) * weights_TK + self.unit_mix
             shared = self.shared_expert.weights() if self.shared_expert is not None else None

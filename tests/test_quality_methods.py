@@ -283,6 +283,52 @@ def test_e2e_prior_weight_trains_routers_towards_the_oracle(tiny):
         EndToEndConfig(prior_weight=-1.0)
 
 
+@pytest.mark.parametrize("impl", ["masked", "sorted"])
+def test_router_ste_keeps_the_output_and_gives_top1_routers_the_log_prob_gradient(tiny, impl):
+    """Top-1 softmax routing renormalised: every weight is exactly `scale`, so the router gets no gradient. With
+    router_ste the block computes the same output, and d loss / d logits_t = g_t (onehot(i_t) - p_t), where
+    g_t = scale * <d loss / d y_t, expert_i(x_t)> (the gradient of log p_i times the chosen expert's effect)."""
+    block = moe_blocks(convert_model(surgery.load(tiny), ConvertConfig(experts=4, top_k=1, seed=1)))[0]
+    block.impl = impl
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, block.hidden, generator=g)
+    r = torch.randn(9, block.hidden, generator=g)  # loss = <y, r>: d loss / d y = r
+    grads, outs = {}, {}
+    for ste in (False, True):
+        block.router_ste = ste
+        block.router.weight.grad = None
+        y = block(x)
+        (y * r).sum().backward()
+        outs[ste], grads[ste] = y.detach(), block.router.weight.grad.clone()
+    assert torch.equal(outs[True], outs[False])
+    assert grads[False].abs().max() < 1e-3 * grads[True].abs().max()
+    with torch.no_grad():
+        logits = x @ block.router.weight.T
+        p = torch.softmax(logits, -1)
+        i = logits.argmax(-1)
+        e = block.experts
+        y_i = torch.stack([(Fn.silu(x[t] @ e.gate_proj[i[t]].T) * (x[t] @ e.up_proj[i[t]].T)) @ e.down_proj[i[t]].T
+                           for t in range(9)])
+        g_t = block.routing.scale * (y_i * r).sum(-1)
+        dlogits = g_t[:, None] * (Fn.one_hot(i, 4).float() - p)
+        want = dlogits.T @ x
+    torch.testing.assert_close(grads[True] - grads[False], want, rtol=1e-4, atol=1e-4)
+
+
+def test_e2e_router_ste_moves_top1_routers_only_when_on(tiny):
+    ids = torch.randint(1, 128, (2048,), generator=torch.Generator().manual_seed(0))
+    for ste in (False, True):
+        cfg = EndToEndConfig(tokens=256, ctx=32, batch_size=2, lr=1e-2, autocast="off", train="router",
+                             router_ste=ste)
+        student = convert_model(surgery.load(tiny), ConvertConfig(experts=4, top_k=1, seed=1))
+        blocks = moe_blocks(student)
+        w0 = [b.router.weight.detach().clone() for b in blocks]
+        run_end_to_end(student, surgery.load(tiny), ids, cfg, progress=False)
+        moved = max(float((b.router.weight - w).abs().max()) for b, w in zip(blocks, w0))
+        assert (moved > 1e-3) if ste else (moved < 1e-3), (ste, moved)
+        assert not any(b.router_ste for b in blocks)
+
+
 def test_compile_setting_decides_where_layers_compile(monkeypatch):
     """e2e.compile auto: CPU, single process, long enough to repay the compile, plain converted models, no
     transition schedule, a C++ compiler; on: always (refused under torchrun); off: never."""
