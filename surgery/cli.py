@@ -526,6 +526,9 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
               help="End-to-end prior-approximate router loss weight: cross-entropy of each router against the "
                    "top-k routed experts by output norm on each token (costs every routed expert's gate and up "
                    "projections once more per step; 0: off).")
+@click.option("--router-ste", is_flag=True,
+              help="End-to-end: a straight-through routing gradient (the weights' value unchanged, their gradient "
+                   "that of log P(chosen experts)); renormalised top-1 routing otherwise gives its router none.")
 @click.option("--head-train", type=click.Choice(["router", "qo", "attn", "none"]), default="router",
               show_default=True, help="Head experts: what trains, layer-wise and end-to-end: the learned head "
               "router, also every head's q/o projections, all of the attention (stick-breaking needs it), or none.")
@@ -553,7 +556,7 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @_friendly
 def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
                   train, lora_rank, lora_alpha, balance, concentration, ce_weight, average_tail, prior_weight,
-                  e2e_prior_weight, head_train, head_steps, head_lr, head_balance, head_concentration, seed, device, autocast, compile_,
+                  e2e_prior_weight, router_ste, head_train, head_steps, head_lr, head_balance, head_concentration, seed, device, autocast, compile_,
                   resume, overwrite, json_path):
     """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
 
@@ -581,7 +584,7 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
     e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, lora_rank=lora_rank,
                          lora_alpha=lora_alpha, balance=balance, concentration=concentration, autocast=autocast,
                          ce_weight=ce_weight, average_tail=average_tail, compile=compile_,
-                         prior_weight=e2e_prior_weight,
+                         prior_weight=e2e_prior_weight, router_ste=router_ste,
                          **heads) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
     result = run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite)

@@ -149,9 +149,19 @@ def test_calibrate_cli(tmp_path, text_file):
     bad = CliRunner().invoke(main, ["calibrate", str(tmp_path / "moe"), str(tmp_path / "x"), "--teacher",
                                     str(tmp_path / "moe"), "--data", str(text_file)])
     assert bad.exit_code == 2 and "dense" in bad.output
-    for flag, value in (("--average-tail", "1.5"), ("--ce-weight", "-1")):
+    for flag, value, named in (("--average-tail", "1.5", "average_tail"), ("--ce-weight", "-1", "ce_weight"),
+                               ("--e2e-prior-weight", "-1", "e2e.prior_weight")):
         bad = CliRunner().invoke(main, args[:2] + [str(tmp_path / "y")] + args[3:] + [flag, value])
-        assert bad.exit_code == 2 and flag[2:].replace("-", "_") in bad.output and not (tmp_path / "y").exists()
+        assert bad.exit_code == 2 and named in bad.output and not (tmp_path / "y").exists()
+    # the router flags reach the stage: the prior-approximate loss is the whole aux (no balance / concentration)
+    r = CliRunner().invoke(main, args[:2] + [str(tmp_path / "z")] + args[3:] + ["--e2e-prior-weight", "0.5",
+                                                                               "--router-ste"])
+    assert r.exit_code == 0, r.output
+
+    def aux(run):
+        return [h["aux"] for h in json.loads((tmp_path / run / "history.json").read_text())]
+
+    assert all(a > 0 for a in aux(json.loads(r.stdout)["checkpoint"])) and aux(summary["checkpoint"]) == [0.0, 0.0]
 
 
 # ---- e2e.train=lora (surgery/lora.py): peft adapters on the attention projections, trained with the MoE
