@@ -5,7 +5,8 @@ WikiText-2 test and stdlib source, append one JSON line to results/quality/ablat
         "method": "coactivation", "router_init": "fitted"}, "layerwise": {...}, "e2e": {...}, "data": "mix"}'
 
 The spec's blocks are ConvertConfig, LayerwiseConfig and EndToEndConfig fields (omit a block to skip that
-stage); "data" is the calibration data (default WikiText-2 valid); "layer_top_k" (a list, one k per layer) sets
+stage); "data" is the calibration data (default WikiText-2 valid), "profile_data" the profile's (the statistics
+clusters and fitted routers come from; default WikiText-2 valid, as the recipes'); "layer_top_k" (a list, one k per layer) sets
 per-layer budgets on the converted model, as `python -m surgery_evals.layer_kl` proposes them. With "dense": true
 and no "convert" block the dense model itself goes through the "e2e" block (distilled from its own copy: the
 control for losses that adapt to the text, such as e2e.ce_weight). The profile
@@ -26,26 +27,31 @@ from pathlib import Path
 import torch
 
 
-def converted_student(convert_spec: dict, cache_dir="runs/ablation-cache", source="runs/smollm2"):
+def converted_student(convert_spec: dict, cache_dir="runs/ablation-cache", source="runs/smollm2",
+                      profile_data: str | None = None):
     """The demo model converted by `convert_spec` (ConvertConfig fields), from runs/ablation-cache when the same
-    structure was converted before (the profile, 16k tokens of WikiText-2 valid as the recipes', is cached too)."""
+    structure was converted before. The profile (16k tokens of WikiText-2 valid as the recipes', or of
+    `profile_data`: a file or a sampling mode such as "mix") is cached too, one file per data."""
     from surgery.convert import ConvertConfig, convert_model
     from surgery.modeling import load_model, load_tokenizer, set_layer_routing
     from surgery.profile import ProfileConfig, calibration_ids, load_profile, profile_model, save_profile
 
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    prof = cache / "profile.pt"
+    slug = hashlib.sha256(str(profile_data).encode()).hexdigest()[:8] if profile_data else ""
+    prof = cache / (f"profile-{slug}.pt" if slug else "profile.pt")
     if not prof.exists():
         dense = load_model(source)
         pc = ProfileConfig(tokens=16384, ctx=512, samples=4096)
         tok = load_tokenizer(source)
-        save_profile(profile_model(dense, calibration_ids(tok, None, pc.tokens, dense, 0, False), pc, False), prof)
+        ids = calibration_ids(tok, profile_data, pc.tokens, dense, 0, False)
+        save_profile(profile_model(dense, ids, pc, False), prof, {"data": str(profile_data or "wikitext-valid")})
     stats, _ = load_profile(prof)
     student = load_model(source)
     cc = ConvertConfig(**convert_spec)
     cc.stats = stats
-    key = hashlib.sha256(json.dumps(convert_spec, sort_keys=True).encode()).hexdigest()[:12]
+    keyed = {**convert_spec, "profile_data": profile_data} if profile_data else convert_spec  # old keys stay valid
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     conv = cache / f"convert-{key}.pt"
     if conv.exists():  # same structure as an earlier ablation: reuse its conversion
         blob = torch.load(conv, weights_only=False)
@@ -73,7 +79,7 @@ def main(spec_text: str, out="results/quality/ablations.jsonl", cache_dir="runs/
     t0 = time.time()
     if spec.get("dense"):
         return _dense_control(spec, tok, teacher, source, out)
-    student = converted_student(spec["convert"], cache_dir, source)
+    student = converted_student(spec["convert"], cache_dir, source, spec.get("profile_data"))
     if spec.get("layer_top_k"):  # explicit per-layer budgets (e.g. from surgery_evals.layer_kl), native-only
         student.surgery_config.layer_top_k = list(spec["layer_top_k"])
         set_layer_routing(student, student.surgery_config)

@@ -41,6 +41,10 @@ def test_save_writes_the_calibrated_student_and_the_conversion_is_cached(tmp_pat
         want = student(input_ids=ids).logits
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # "profile_data": its own profile and its own conversion in the cache, beside the default ones
+    other = {"convert": spec["convert"], "profile_data": str(text_file)}
+    quick_ablation.main(json.dumps(other), out=str(tmp_path / "ab.jsonl"), cache_dir=str(cache), source=str(src))
+    assert len(list(cache.glob("profile*.pt"))) == 2 and len(list(cache.glob("convert-*.pt"))) == 2
 
 
 def test_a_malformed_command_line_exits_2():
