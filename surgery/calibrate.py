@@ -103,12 +103,13 @@ class EndToEndConfig:
     # softmax against the token's top-k routed experts by output norm (the oracle of `surgery_evals.
     # routing_probe`, -14% perplexity at 25% there), averaged over blocks. The KD loss alone never tells a
     # router that an expert it did not choose would have served better. Costs every routed expert's gate and up
-    # projections once more per step (no gradient). 0: off.
+    # projections once more per step (no gradient). 0: off. Measured worse (README round 20: at 25%, 0.1 level on
+    # WikiText-2 and +6% on stdlib, 1.0 +16% / +87%).
     prior_weight: float = 0.0
     # Straight-through routing gradient (MoEBlock.router_ste): the routing weights' value unchanged, their
     # gradient that of log P(chosen experts). Renormalised softmax top-k routing otherwise gives the router no
     # gradient for the mass on the chosen experts, and at top-1 none at all (the 25% recipe's routers never moved
-    # end to end).
+    # end to end). Measured worse (round 20: +1% WikiText-2, +2-9% stdlib at 50% and 25%).
     router_ste: bool = False
     # Hidden-state distillation: this weight times the mean over decoder layers of losses.block_error between
     # the student's and the teacher's residual stream after that layer (both forwards compute them anyway), so
@@ -565,9 +566,11 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 hid, loss_h = None, 0.0
             router_logits = [b.last_router_logits for b in blocks if b.last_router_logits is not None]
             aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
-            if cfg.prior_weight:
-                aux = aux + cfg.prior_weight * losses.oracle_prior(
-                    router_logits, [b.last_oracle_scores for b in blocks], [b.routing.top_k for b in blocks])
+            scored = [b for b in blocks if b.last_oracle_scores is not None]
+            if cfg.prior_weight and scored:
+                aux = aux + cfg.prior_weight * losses.oracle_prior([b.last_router_logits for b in scored],
+                                                                   [b.last_oracle_scores for b in scored],
+                                                                   [b.routing.top_k for b in scored])
             if heads:
                 aux = aux + head_cal.head_aux(heads, cfg.head_balance, cfg.head_concentration)
             total = loss + aux + loss_h + loss_ce

@@ -556,8 +556,8 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 @_friendly
 def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
                   train, lora_rank, lora_alpha, balance, concentration, ce_weight, average_tail, prior_weight,
-                  e2e_prior_weight, router_ste, head_train, head_steps, head_lr, head_balance, head_concentration, seed, device, autocast, compile_,
-                  resume, overwrite, json_path):
+                  e2e_prior_weight, router_ste, head_train, head_steps, head_lr, head_balance, head_concentration,
+                  seed, device, autocast, compile_, resume, overwrite, json_path):
     """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
 
     \b
