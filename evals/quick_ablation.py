@@ -6,11 +6,12 @@ WikiText-2 test and stdlib source, append one JSON line to results/quality/ablat
 
 The spec's blocks are ConvertConfig, LayerwiseConfig and EndToEndConfig fields (omit a block to skip that
 stage); "data" is the calibration data (default WikiText-2 valid), "profile_data" the profile's (the statistics
-clusters and fitted routers come from; default WikiText-2 valid, as the recipes'); "layer_top_k" (a list, one k per layer) sets
+clusters and fitted routers come from; default WikiText-2 valid, as the recipes' until round 20, which moved them
+to "mix"); "layer_top_k" (a list, one k per layer) sets
 per-layer budgets on the converted model, as `python -m surgery_evals.layer_kl` proposes them. With "dense": true
 and no "convert" block the dense model itself goes through the "e2e" block (distilled from its own copy: the
 control for losses that adapt to the text, such as e2e.ce_weight). The profile
-(16k tokens of WikiText-2 valid, as the recipes) and each conversion are cached under runs/ablation-cache/, so
+(16k tokens) and each conversion are cached under runs/ablation-cache/, so
 ablations of calibration on one structure do not convert again. `--save DIR` also writes the calibrated
 student as a native model folder (for `surgery_evals.routing_probe` and the like). Short budgets, 8k-token evaluations: for
 choosing, not for final numbers.
@@ -30,8 +31,8 @@ import torch
 def converted_student(convert_spec: dict, cache_dir="runs/ablation-cache", source="runs/smollm2",
                       profile_data: str | None = None):
     """The demo model converted by `convert_spec` (ConvertConfig fields), from runs/ablation-cache when the same
-    structure was converted before. The profile (16k tokens of WikiText-2 valid as the recipes', or of
-    `profile_data`: a file or a sampling mode such as "mix") is cached too, one file per data."""
+    structure was converted before. The profile (16k tokens of WikiText-2 valid, or of `profile_data`: a file
+    or a sampling mode such as "mix") is cached too, one file per data."""
     from surgery.convert import ConvertConfig, convert_model
     from surgery.modeling import load_model, load_tokenizer, set_layer_routing
     from surgery.profile import ProfileConfig, calibration_ids, load_profile, profile_model, save_profile

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
+from surgery import losses
 from surgery.calibrate import _expert_outputs
 from surgery.moe import MoEBlock, moe_blocks
 
@@ -112,13 +113,13 @@ class Probe:
         for b in blocks:
             st = self.stats[id(b)]
             x, K = torch.cat(st["x"]), b.routing.top_k
-            target = selection(torch.cat(st["norm"]), K) / K
+            target = losses.topk_prior(torch.cat(st["norm"]), K)
             st["x"], st["norm"] = [], []
             W = b.router.weight.detach().float().clone().requires_grad_()
             opt = torch.optim.Adam([W], lr=lr)
             with torch.enable_grad():
                 for _ in range(steps):
-                    loss = -(target * torch.log_softmax(x @ W.T, -1)).sum(1).mean()
+                    loss = losses.prior_approx(x @ W.T, target)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

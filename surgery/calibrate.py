@@ -566,8 +566,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 hid, loss_h = None, 0.0
             router_logits = [b.last_router_logits for b in blocks if b.last_router_logits is not None]
             aux = losses.router_aux(router_logits, cfg.balance, cfg.concentration)
-            scored = [b for b in blocks if b.last_oracle_scores is not None]
-            if cfg.prior_weight and scored:
+            if cfg.prior_weight and (scored := [b for b in blocks if b.last_oracle_scores is not None]):
                 aux = aux + cfg.prior_weight * losses.oracle_prior([b.last_router_logits for b in scored],
                                                                    [b.last_oracle_scores for b in scored],
                                                                    [b.routing.top_k for b in scored])
