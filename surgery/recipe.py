@@ -157,6 +157,20 @@ class _State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
+def _sampling_needs(recipe: Recipe) -> list[tuple[int, tuple]]:
+    """(tokens, data.sampling_spec) of each stage that reads text sampled from the dense model: the profile on
+    its own data, the calibration stages on calibration_data."""
+    from surgery.calibrate import EndToEndConfig, LayerwiseConfig
+    from surgery.data import sampling_spec
+    from surgery.profile import ProfileConfig
+
+    pcfg = {k: v for k, v in recipe.profile.items() if k != "data"}
+    reads = [(ProfileConfig(**pcfg).tokens, recipe.profile.get("data"))]
+    reads += [(LayerwiseConfig(**recipe.layerwise).tokens, recipe.calibration_data)] if recipe.layerwise is not None else []
+    reads += [(EndToEndConfig(**recipe.e2e).tokens, recipe.calibration_data)] if recipe.e2e is not None else []
+    return [(n, sampling_spec(d)) for n, d in reads if sampling_spec(d) is not None]
+
+
 def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | None = None) -> dict:
     from surgery.calibrate import (CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate)
     from surgery.convert import ConvertConfig, convert
@@ -204,10 +218,10 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
                       f"prompted_corpus-{hashlib.sha256(repr(prompts).encode()).hexdigest()[:8]}.pt")
         ids = torch.load(path, weights_only=True) if path.is_file() else None
         if ids is None or ids.numel() < own:
-            need = max(tokens, ProfileConfig(**{k: v for k, v in recipe.profile.items() if k != "data"}).tokens,
-                       LayerwiseConfig(**recipe.layerwise).tokens if recipe.layerwise is not None else 0,
-                       EndToEndConfig(**recipe.e2e).tokens if recipe.e2e is not None else 0)
-            need = need if mode == "sample" else need - need // 2
+            # draw once what every stage reading this corpus needs, and no more: a profile on `mix` beside
+            # calibration on `mix-prompted` reads 8k unprompted tokens, not the calibration's 127k
+            need = max([own] + [n if spec[0] == "sample" else n - n // 2
+                                for n, spec in _sampling_needs(recipe) if spec[1] == prompts])
             ids = calibration_ids(tokenizer, "sample" if prompts is None else data.replace("mix-", "", 1), need,
                                   get_dense(), recipe.seed, progress)
             with atomic_file(path) as tmp:

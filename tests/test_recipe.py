@@ -199,6 +199,22 @@ def test_recipe_on_prompted_text_samples_answers_once(tmp_path, text_file):
     assert report["stages"]["e2e"]["tokens"] == 512
 
 
+def test_profile_and_calibration_on_different_samples_draw_only_what_each_reads(tmp_path, text_file):
+    """profile on `mix` beside calibration on `mix-prompted` (the 50% recipe since round 20): the unprompted
+    corpus is sized by the profile alone (half its 256 tokens), not by the end-to-end budget the prompted one
+    serves (round 20's recipe drew 126,976 unprompted tokens to profile 8,192 of them)."""
+    src = make_llama(tmp_path / "dense", ffn=96)
+    path = _recipe(tmp_path, src, text_file, profile={"data": "mix", "tokens": 256, "ctx": 64, "samples": 128},
+                   calibration_data="mix-prompted:math", layerwise=None, e2e={"tokens": 512, "ctx": 64, "batch_size": 2},
+                   evaluate={"ctx": 64, "datasets": {str(text_file): 128}, "stages": ["final"], "snapshots": False})
+    out = tmp_path / "run"
+    report = run_recipe(Recipe.load(path), out, progress=False)
+    assert torch.load(out / "sampled_corpus.pt", weights_only=True).numel() == 128
+    prompted = list(out.glob("prompted_corpus-*.pt"))
+    assert len(prompted) == 1 and torch.load(prompted[0], weights_only=True).numel() == 256
+    assert report["stages"]["profile"]["tokens"] == 256 and report["stages"]["e2e"]["tokens"] == 512
+
+
 def test_recipe_on_sampled_text_draws_one_corpus(tmp_path, text_file):
     src = make_llama(tmp_path / "dense", ffn=96)
     path = _recipe(tmp_path, src, text_file, profile={"data": "sample", "tokens": 256, "ctx": 64, "samples": 128},
