@@ -166,8 +166,10 @@ def _sampling_needs(recipe: Recipe) -> list[tuple[int, tuple]]:
 
     pcfg = {k: v for k, v in recipe.profile.items() if k != "data"}
     reads = [(ProfileConfig(**pcfg).tokens, recipe.profile.get("data"))]
-    reads += [(LayerwiseConfig(**recipe.layerwise).tokens, recipe.calibration_data)] if recipe.layerwise is not None else []
-    reads += [(EndToEndConfig(**recipe.e2e).tokens, recipe.calibration_data)] if recipe.e2e is not None else []
+    if recipe.layerwise is not None:
+        reads.append((LayerwiseConfig(**recipe.layerwise).tokens, recipe.calibration_data))
+    if recipe.e2e is not None:
+        reads.append((EndToEndConfig(**recipe.e2e).tokens, recipe.calibration_data))
     return [(n, sampling_spec(d)) for n, d in reads if sampling_spec(d) is not None]
 
 

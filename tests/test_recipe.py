@@ -205,7 +205,8 @@ def test_profile_and_calibration_on_different_samples_draw_only_what_each_reads(
     serves (round 20's recipe drew 126,976 unprompted tokens to profile 8,192 of them)."""
     src = make_llama(tmp_path / "dense", ffn=96)
     path = _recipe(tmp_path, src, text_file, profile={"data": "mix", "tokens": 256, "ctx": 64, "samples": 128},
-                   calibration_data="mix-prompted:math", layerwise=None, e2e={"tokens": 512, "ctx": 64, "batch_size": 2},
+                   calibration_data="mix-prompted:math", layerwise=None,
+                   e2e={"tokens": 512, "ctx": 64, "batch_size": 2},
                    evaluate={"ctx": 64, "datasets": {str(text_file): 128}, "stages": ["final"], "snapshots": False})
     out = tmp_path / "run"
     report = run_recipe(Recipe.load(path), out, progress=False)
