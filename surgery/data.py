@@ -186,6 +186,12 @@ def sampling_spec(data) -> tuple[str, list[str] | None] | None:
     return ("sample" if name == "prompted" else "mix"), prompts
 
 
+def sampled_tokens(tokens: int, mode: str) -> int:
+    """How many of a stage's `tokens` come from the model under sampling_spec's mode: all of them for "sample",
+    the second half (the larger one when odd) for "mix"."""
+    return tokens if mode == "sample" else tokens - tokens // 2
+
+
 def interleave(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
     """Blocks of `block` ids taken in turn from a and b (the longer one's rest at the end)."""
     out = []

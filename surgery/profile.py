@@ -171,14 +171,14 @@ def calibration_ids(tokenizer, data=None, tokens: int = 16384, model=None, seed:
     data="sample", text sampled from `model` itself (data-free), or with data="mix", half and half of the two
     interleaved in blocks of MIX_BLOCK tokens (the model's own text keeps domains the file lacks in step);
     "prompted" / "mix-prompted" sample the model's answers to seed prompts instead (data.sampling_spec)."""
-    from surgery.data import interleave, resolve_data, sample_corpus, sampling_spec, tokenize_file
+    from surgery.data import interleave, resolve_data, sample_corpus, sampled_tokens, sampling_spec, tokenize_file
 
     spec = sampling_spec(data)
     if spec is not None:
         mode, prompts = spec
         if model is None:
             raise SurgeryError(f"--data {data} needs the dense model to sample from")
-        n = tokens if mode == "sample" else tokens - tokens // 2
+        n = sampled_tokens(tokens, mode)
         sampled = sample_corpus(model, tokenizer, n, seed=seed, progress=progress, batch_size=128, prompts=prompts)
         if mode == "sample":
             return sampled

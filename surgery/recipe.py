@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from surgery.atomic import atomic_file, atomic_write_text
-from surgery.data import sampling_spec
+from surgery.data import sampled_tokens, sampling_spec
 from surgery.errors import SurgeryError
 
 EVAL_DATA = {"wikitext": "wikitext-test", "stdlib": "stdlib"}
@@ -157,11 +157,10 @@ class _State:
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
-def _sampling_needs(recipe: Recipe) -> list[tuple[int, tuple]]:
-    """(tokens, data.sampling_spec) of each stage that reads text sampled from the dense model: the profile on
-    its own data, the calibration stages on calibration_data."""
+def _sampling_needs(recipe: Recipe) -> list[tuple[int, list[str] | None]]:
+    """(sampled tokens, seed prompts or None) of each stage that reads text sampled from the dense model: the
+    profile on its own data, the calibration stages on calibration_data."""
     from surgery.calibrate import EndToEndConfig, LayerwiseConfig
-    from surgery.data import sampling_spec
     from surgery.profile import ProfileConfig
 
     pcfg = {k: v for k, v in recipe.profile.items() if k != "data"}
@@ -170,7 +169,8 @@ def _sampling_needs(recipe: Recipe) -> list[tuple[int, tuple]]:
         reads.append((LayerwiseConfig(**recipe.layerwise).tokens, recipe.calibration_data))
     if recipe.e2e is not None:
         reads.append((EndToEndConfig(**recipe.e2e).tokens, recipe.calibration_data))
-    return [(n, sampling_spec(d)) for n, d in reads if sampling_spec(d) is not None]
+    specs = [(n, sampling_spec(d)) for n, d in reads]
+    return [(sampled_tokens(n, spec[0]), spec[1]) for n, spec in specs if spec is not None]
 
 
 def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | None = None) -> dict:
@@ -215,15 +215,14 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
         from surgery.profile import MIX_BLOCK
 
         mode, prompts = sampling_spec(data)
-        own = tokens if mode == "sample" else tokens - tokens // 2
+        own = sampled_tokens(tokens, mode)
         path = out / ("sampled_corpus.pt" if prompts is None else
                       f"prompted_corpus-{hashlib.sha256(repr(prompts).encode()).hexdigest()[:8]}.pt")
         ids = torch.load(path, weights_only=True) if path.is_file() else None
         if ids is None or ids.numel() < own:
             # draw once what every stage reading this corpus needs, and no more: a profile on `mix` beside
             # calibration on `mix-prompted` reads 8k unprompted tokens, not the calibration's 127k
-            need = max([own] + [n if spec[0] == "sample" else n - n // 2
-                                for n, spec in _sampling_needs(recipe) if spec[1] == prompts])
+            need = max([own] + [n for n, stage_prompts in _sampling_needs(recipe) if stage_prompts == prompts])
             ids = calibration_ids(tokenizer, "sample" if prompts is None else data.replace("mix-", "", 1), need,
                                   get_dense(), recipe.seed, progress)
             with atomic_file(path) as tmp:
