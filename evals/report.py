@@ -90,20 +90,25 @@ def plot_expert_load(fractions: list[list[float]], path, title: str = "expert lo
     return Path(path)
 
 
+BASELINE_MARKERS = {"static": ("s", "static pruning"), "gate-sparsity": ("^", "activation sparsity")}
+
+
 def plot_ppl_vs_active(points: list[dict], path, title: str = "perplexity vs active FFN fraction") -> Path:
     """points: {"label", "active", "dataset", "perplexity"}; one line per dataset (log-scale perplexity). Points
-    labelled "static" (the static-pruning baseline) are hollow squares off the line, labelled below it, so that
-    a baseline at the converted model's perplexity stays readable."""
+    labelled "static" or "gate-sparsity" (the baselines) are hollow markers off the line, labelled beside them,
+    so that a baseline at the converted model's perplexity stays readable."""
     with _log_ppl_figure(path, title, "active FFN fraction", "perplexity") as ax:
         for ds in sorted({p["dataset"] for p in points}):
-            pts = sorted((p for p in points if p["dataset"] == ds and p["label"] != "static"), key=lambda p: p["active"])
+            pts = sorted((p for p in points if p["dataset"] == ds and p["label"] not in BASELINE_MARKERS),
+                         key=lambda p: p["active"])
             line, = ax.plot([p["active"] for p in pts], [p["perplexity"] for p in pts], "o-", label=ds)
             for p in pts:
                 ax.annotate(p["label"], (p["active"], p["perplexity"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-            for p in (p for p in points if p["dataset"] == ds and p["label"] == "static"):
-                ax.plot([p["active"]], [p["perplexity"]], "s", mfc="none", ms=9, color=line.get_color())
-                ax.annotate("static pruning", (p["active"], p["perplexity"]), fontsize=7, xytext=(3, -10),
+            for p in (p for p in points if p["dataset"] == ds and p["label"] in BASELINE_MARKERS):
+                marker, name = BASELINE_MARKERS[p["label"]]
+                ax.plot([p["active"]], [p["perplexity"]], marker, mfc="none", ms=9, color=line.get_color())
+                ax.annotate(name, (p["active"], p["perplexity"]), fontsize=7, xytext=(3, -10),
                             textcoords="offset points")
     return Path(path)
 
@@ -154,22 +159,25 @@ def quality_rows(folder) -> list[dict]:
         for e in r["evaluations"]:
             if e["stage"] == "dense":
                 continue
-            static = e["stage"] == "static"  # the recipe's static-pruning baseline (evaluate.static_baseline)
-            base = r.get("static_baseline") or {}
+            # the recipe's baselines (evaluate.static_baseline, evaluate.activation_sparsity)
+            baseline = e["stage"] in BASELINE_METHODS
+            base = r.get({"static": "static_baseline", "gate-sparsity": "activation_sparsity"}.get(e["stage"], "")) or {}
             rows.append({"file": p.name, "recipe": r.get("recipe", {}).get("name", p.stem),
-                         "method": "static pruning, bias-compensated" if static else r.get("method", ""),
+                         "method": BASELINE_METHODS.get(e["stage"], r.get("method", "")),
                          "stage": e["stage"], "dataset": e["dataset"], "calibration": _calibration(r, e["stage"]),
                          "active": e.get("active_ffn_fraction"), "perplexity": e["perplexity"],
                          "ratio": e["perplexity"] / dense[e["dataset"]] if e["dataset"] in dense else None,
-                         "tokens": base.get("tokens", 0) if static
+                         "tokens": base.get("tokens", 0) if baseline
                          else r.get("calibration_tokens", {}).get(e["stage"], 0),
-                         "seconds": base.get("seconds") if static else r.get("seconds_to_stage", {}).get(e["stage"]),
+                         "seconds": base.get("seconds") if baseline else r.get("seconds_to_stage", {}).get(e["stage"]),
                          "machine": r.get("machine", {}).get("summary", "")})
     return rows
 
 
 STAGE_NAMES = {"converted": "none", "layerwise": "layer-wise", "e2e": "layer-wise + end-to-end",
-               "static": "end-to-end (the recipe's e2e budget)"}
+               "static": "end-to-end (the recipe's e2e budget)", "gate-sparsity": "none (training-free)"}
+BASELINE_METHODS = {"static": "static pruning, bias-compensated",
+                    "gate-sparsity": "gate-decided activation sparsity (gate dense)"}
 
 
 def _calibration(report: dict, stage: str) -> str:
@@ -224,6 +232,11 @@ def run_summary(report: dict) -> str:
         base = [f"{ppl[f'static/{d}']:.2f} ({ppl[f'static/{d}'] / ppl[f'dense/{d}']:.2f}x)"
                 if f"static/{d}" in ppl else "-" for d in datasets]
         rows.append(["static pruning, same e2e budget", f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *base,
+                     "-"])
+    if any(k.startswith("gate-sparsity/") for k in ppl):  # the training-free alternative (gate computed densely)
+        alt = [f"{ppl[f'gate-sparsity/{d}']:.2f} ({ppl[f'gate-sparsity/{d}'] / ppl[f'dense/{d}']:.2f}x)"
+               if f"gate-sparsity/{d}" in ppl else "-" for d in datasets]
+        rows.append(["activation sparsity, no training", f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *alt,
                      "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -47,6 +47,10 @@ class EvaluateConfig:
     # the baseline a conversion has to beat (issue: "a MoE that does not beat static pruning at equal active
     # width and equal budget has no reason to exist") beside the converted model.
     static_baseline: bool = False
+    # Also evaluate gate-decided activation sparsity (TEAL / CATS style, no training) at the same fraction of
+    # FFN neurons: per token the neurons with the largest |silu(gate x)| x ||down column||, the gate computed
+    # densely (so 2/3 + keep/3 of the FFN's matmuls). The training-free alternative a user might pick instead.
+    activation_sparsity: bool = False
 
 
 def _wants_head_stats(convert: dict) -> bool:
@@ -511,6 +515,18 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
                 record({**r, "stage": "static", "dataset": ds, "active_ffn_fraction": keep})
         state.mark("static-baseline", info)
         del model
+    if ec.activation_sparsity and any(("gate-sparsity", ds) not in done for ds in ec.datasets):
+        from surgery.modeling import load_model
+        from surgery_evals.baselines import apply_baseline
+
+        keep = moe_cfg["active_ffn_fraction"]
+        model = apply_baseline(load_model(src, dtype=recipe.dtype, device=device), "gate-sparsity", keep)
+        for ds, max_tokens in ec.datasets.items():
+            if ("gate-sparsity", ds) not in done:
+                r = perplexity(model, tokenizer, resolve_data(EVAL_DATA.get(ds, ds)), max_tokens, ec.ctx,
+                               ec.batch_size, progress)
+                record({**r, "stage": "gate-sparsity", "dataset": ds, "active_ffn_fraction": keep})
+        del model
     curve = _snapshot_curve(ec, state, stage_dir(model_stages[-1]), tokenizer, device, progress)
     speed = state.data.get("speed")
     if speed is None:
@@ -549,6 +565,9 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
     }
     if ec.static_baseline:
         report["static_baseline"] = state.data["stages"].get("static-baseline")
+    if ec.activation_sparsity:
+        keep = moe_cfg["active_ffn_fraction"]
+        report["activation_sparsity"] = {"keep": keep, "tokens": 0, "ffn_matmul_fraction": round(2 / 3 + keep / 3, 4)}
     if load:
         plot_expert_load(load["fractions"], out / "expert_load.png", f"{recipe.name}: expert load ({load['dataset']})")
     points = [{"label": e["stage"], "active": e.get("active_ffn_fraction", 1.0), "dataset": e["dataset"],

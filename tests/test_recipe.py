@@ -65,16 +65,20 @@ def test_recipe_runs_and_resumes(tmp_path, text_file):
     assert again["perplexity"] == report["perplexity"]
 
 
-def test_recipe_reports_static_pruning_at_the_same_budget(tmp_path, text_file, monkeypatch):
+def test_recipe_reports_static_pruning_and_activation_sparsity_beside_the_conversion(tmp_path, text_file,
+                                                                                      monkeypatch):
     import surgery.recipe as recipe_mod
+    import surgery_evals.baselines as baselines_mod
+    from surgery_evals.baselines import run_baseline
 
     src = make_llama(tmp_path / "dense", ffn=96)
     path = _recipe(tmp_path, src, text_file, layerwise=None,
-                   evaluate={"ctx": 64, "datasets": {str(text_file): 256}, "static_baseline": True})
+                   evaluate={"ctx": 64, "datasets": {str(text_file): 256}, "static_baseline": True,
+                             "activation_sparsity": True})
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["run", str(path), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "static pruning, same e2e budget" in r.output
+    assert "static pruning, same e2e budget" in r.output and "activation sparsity, no training" in r.output
     report = json.loads((out / "report.json").read_text())
     static = [e for e in report["evaluations"] if e["stage"] == "static"]
     assert len(static) == 1 and static[0]["active_ffn_fraction"] == report["active_ffn_fraction"] == 0.5
@@ -82,10 +86,17 @@ def test_recipe_reports_static_pruning_at_the_same_budget(tmp_path, text_file, m
     info = report["static_baseline"]
     assert info["keep"] == 0.5 and info["tokens"] == report["stages"]["e2e"]["tokens"] == 256
     assert "static-baseline" not in report["stages"]  # not part of the pipeline's time
-    # a rerun keeps the recorded baseline and does not train it again
+    # activation sparsity at the same neuron fraction, untrained: the standalone baseline command's figure
+    alone = run_baseline(src, "gate-sparsity", 0.5, datasets={str(text_file): 256}, ctx=64, progress=False)
+    assert report["perplexity"][f"gate-sparsity/{text_file}"] == pytest.approx(
+        alone["evaluations"][str(text_file)]["perplexity"], rel=1e-4)
+    assert report["activation_sparsity"] == {"keep": 0.5, "tokens": 0, "ffn_matmul_fraction": 0.8333}
+    # a rerun keeps the recorded baselines and does not build them again
     monkeypatch.setattr(recipe_mod, "_static_baseline", lambda *a, **k: pytest.fail("static baseline redone"))
+    monkeypatch.setattr(baselines_mod, "apply_baseline", lambda *a, **k: pytest.fail("gate sparsity redone"))
     again = run_recipe(Recipe.load(path), out, progress=False)
-    assert again["perplexity"][f"static/{text_file}"] == report["perplexity"][f"static/{text_file}"]
+    for k in (f"static/{text_file}", f"gate-sparsity/{text_file}"):
+        assert again["perplexity"][k] == report["perplexity"][k]
 
 
 def test_recipe_resumes_after_a_lost_stage(tmp_path, text_file):
@@ -157,16 +168,20 @@ def test_quality_table_from_reports(tmp_path):
                   {"stage": "dense", "dataset": "wikitext", "perplexity": 20.0, "active_ffn_fraction": 1.0},
                   {"stage": "converted", "dataset": "wikitext", "perplexity": 80.0, "active_ffn_fraction": 0.5},
                   {"stage": "e2e", "dataset": "wikitext", "perplexity": 30.0, "active_ffn_fraction": 0.5},
-                  {"stage": "static", "dataset": "wikitext", "perplexity": 25.0, "active_ffn_fraction": 0.5}],
-              "static_baseline": {"keep": 0.5, "tokens": 64, "seconds": 5.0}}
+                  {"stage": "static", "dataset": "wikitext", "perplexity": 25.0, "active_ffn_fraction": 0.5},
+                  {"stage": "gate-sparsity", "dataset": "wikitext", "perplexity": 50.0, "active_ffn_fraction": 0.5}],
+              "static_baseline": {"keep": 0.5, "tokens": 64, "seconds": 5.0},
+              "activation_sparsity": {"keep": 0.5, "tokens": 0, "ffn_matmul_fraction": 0.8333}}
     (tmp_path / "r.json").write_text(json.dumps(report))
     r = CliRunner().invoke(main, ["quality-table", str(tmp_path)])
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
-    assert len(lines) == 5  # header, rule, two stages in calibration order, then the static baseline
+    assert len(lines) == 6  # header, rule, two stages in calibration order, then the two baselines
     assert "| none | 50% | 80.00 (4.00x)" in lines[2] and "layer-wise + end-to-end | 50% | 30.00 (1.50x)" in lines[3]
     assert "| static pruning, bias-compensated | end-to-end (the recipe's e2e budget) | 50% | 25.00 (1.25x)" in lines[4]
     assert "| 64 | 5.0 |" in lines[4]
+    assert "| gate-decided activation sparsity (gate dense) | none (training-free) | 50% | 50.00 (2.50x)" in lines[5]
+    assert "| 0 | - |" in lines[5]
     # a recipe without a layer-wise stage: its e2e row says end-to-end alone
     report["calibration_tokens"].pop("layerwise")
     (tmp_path / "r.json").write_text(json.dumps(report))
