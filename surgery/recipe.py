@@ -177,6 +177,13 @@ def _sampling_needs(recipe: Recipe) -> list[tuple[int, list[str] | None]]:
     return [(sampled_tokens(n, spec[0]), spec[1]) for n, spec in specs if spec is not None]
 
 
+def _without_baselines(recipe: dict) -> dict:
+    """The recipe less its baseline switches: switching one on for a finished run adds that baseline to the
+    report and leaves the trained stages and their evaluations standing."""
+    ev = {k: v for k, v in (recipe.get("evaluate") or {}).items() if k not in ("static_baseline", "activation_sparsity")}
+    return {**recipe, "evaluate": ev}
+
+
 def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | None = None) -> dict:
     from surgery.calibrate import (CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate)
     from surgery.convert import ConvertConfig, convert
@@ -187,7 +194,7 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out)
     prev_recipe = state.data.get("recipe")
-    if prev_recipe is not None and prev_recipe != asdict(recipe):
+    if prev_recipe is not None and _without_baselines(prev_recipe) != _without_baselines(asdict(recipe)):
         raise SurgeryError(f"{out}: was started with a different recipe; use a fresh --out or delete {out}")
     state.data["recipe"] = asdict(recipe)
     device = _device(recipe.device)

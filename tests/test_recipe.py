@@ -72,17 +72,24 @@ def test_recipe_reports_static_pruning_and_activation_sparsity_beside_the_conver
     from surgery_evals.baselines import run_baseline
 
     src = make_llama(tmp_path / "dense", ffn=96)
+    path = _recipe(tmp_path, src, text_file, layerwise=None, evaluate={"ctx": 64, "datasets": {str(text_file): 256}})
+    out = tmp_path / "run"
+    first = run_recipe(Recipe.load(path), out, progress=False)
+    assert not any(k.startswith(("static/", "gate-sparsity/")) for k in first["perplexity"])
+    # switched on for the finished run: the baselines are added, nothing trained or evaluated is redone
+    trained = (out / "model" / "config.json").stat().st_mtime_ns
     path = _recipe(tmp_path, src, text_file, layerwise=None,
                    evaluate={"ctx": 64, "datasets": {str(text_file): 256}, "static_baseline": True,
                              "activation_sparsity": True})
-    out = tmp_path / "run"
     r = CliRunner().invoke(main, ["run", str(path), "--out", str(out)])
     assert r.exit_code == 0, r.output
+    assert (out / "model" / "config.json").stat().st_mtime_ns == trained
     assert "static pruning, same e2e budget" in r.output and "activation sparsity, no training" in r.output
     report = json.loads((out / "report.json").read_text())
     static = [e for e in report["evaluations"] if e["stage"] == "static"]
     assert len(static) == 1 and static[0]["active_ffn_fraction"] == report["active_ffn_fraction"] == 0.5
     assert static[0]["perplexity"] != report["perplexity"][f"e2e/{text_file}"]
+    assert report["perplexity"][f"e2e/{text_file}"] == first["perplexity"][f"e2e/{text_file}"]
     info = report["static_baseline"]
     assert info["keep"] == 0.5 and info["tokens"] == report["stages"]["e2e"]["tokens"] == 256
     assert "static-baseline" not in report["stages"]  # not part of the pipeline's time
@@ -127,6 +134,11 @@ def test_recipe_errors(tmp_path, text_file):
     out = tmp_path / "run"
     run_recipe(Recipe.load(path), out, progress=False)
     other = _recipe(tmp_path, src, text_file, seed=5, layerwise=None, e2e=None)
+    with pytest.raises(SurgeryError, match="different recipe"):
+        run_recipe(Recipe.load(other), out, progress=False)
+    # only the baseline switches may change under a finished run: other evaluation settings are refused
+    other = _recipe(tmp_path, src, text_file, layerwise=None, e2e=None,
+                    evaluate={"ctx": 64, "datasets": {str(text_file): 64}})
     with pytest.raises(SurgeryError, match="different recipe"):
         run_recipe(Recipe.load(other), out, progress=False)
 
