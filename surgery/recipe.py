@@ -222,7 +222,7 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
         interleaved."""
         import hashlib
 
-        from surgery.data import interleave, resolve_data, sampling_spec, tokenize_file
+        from surgery.data import interleave, resolve_data, tokenize_file
         from surgery.profile import MIX_BLOCK
 
         mode, prompts = sampling_spec(data)
