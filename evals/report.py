@@ -161,7 +161,7 @@ def quality_rows(folder) -> list[dict]:
                 continue
             # the recipe's baselines (evaluate.static_baseline, evaluate.activation_sparsity)
             baseline = e["stage"] in BASELINE_METHODS
-            base = r.get({"static": "static_baseline", "gate-sparsity": "activation_sparsity"}.get(e["stage"], "")) or {}
+            base = r.get(BASELINE_REPORT_KEYS.get(e["stage"], "")) or {}
             rows.append({"file": p.name, "recipe": r.get("recipe", {}).get("name", p.stem),
                          "method": BASELINE_METHODS.get(e["stage"], r.get("method", "")),
                          "stage": e["stage"], "dataset": e["dataset"], "calibration": _calibration(r, e["stage"]),
@@ -178,6 +178,9 @@ STAGE_NAMES = {"converted": "none", "layerwise": "layer-wise", "e2e": "layer-wis
                "static": "end-to-end (the recipe's e2e budget)", "gate-sparsity": "none (training-free)"}
 BASELINE_METHODS = {"static": "static pruning, bias-compensated",
                     "gate-sparsity": "gate-decided activation sparsity (gate dense)"}
+# where report.json keeps each baseline's budget, and its row in `surgery run`'s printed table
+BASELINE_REPORT_KEYS = {"static": "static_baseline", "gate-sparsity": "activation_sparsity"}
+BASELINE_ROWS = {"static": "static pruning, same e2e budget", "gate-sparsity": "activation sparsity, no training"}
 
 
 def _calibration(report: dict, stage: str) -> str:
@@ -228,16 +231,11 @@ def run_summary(report: dict) -> str:
             conv.append("-" if v is None else f"{v:.2f} ({v / ppl[f'dense/{d}']:.2f}x)")
         rows.append([f"converted ({final})", f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *conv,
                      f"{speed.get('converted_tokens_per_s', float('nan')):.0f}"])
-    if any(k.startswith("static/") for k in ppl):  # the baseline the conversion must beat (same budget)
-        base = [f"{ppl[f'static/{d}']:.2f} ({ppl[f'static/{d}'] / ppl[f'dense/{d}']:.2f}x)"
-                if f"static/{d}" in ppl else "-" for d in datasets]
-        rows.append(["static pruning, same e2e budget", f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *base,
-                     "-"])
-    if any(k.startswith("gate-sparsity/") for k in ppl):  # the training-free alternative (gate computed densely)
-        alt = [f"{ppl[f'gate-sparsity/{d}']:.2f} ({ppl[f'gate-sparsity/{d}'] / ppl[f'dense/{d}']:.2f}x)"
-               if f"gate-sparsity/{d}" in ppl else "-" for d in datasets]
-        rows.append(["activation sparsity, no training", f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *alt,
-                     "-"])
+    for stage, label in BASELINE_ROWS.items():  # what the conversion must beat, and the training-free alternative
+        if any(k.startswith(f"{stage}/") for k in ppl):
+            base = [f"{ppl[f'{stage}/{d}']:.2f} ({ppl[f'{stage}/{d}'] / ppl[f'dense/{d}']:.2f}x)"
+                    if f"{stage}/{d}" in ppl else "-" for d in datasets]
+            rows.append([label, f"{100 * report.get('active_ffn_fraction', 0):.0f}%", *base, "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
