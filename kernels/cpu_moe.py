@@ -28,8 +28,8 @@ Paths (`path=`), all equal to the reference up to float32 rounding:
                dense model's work, for a few tokens up to batches too small for "sorted" to pay.
     "grouped"  the reference's algorithm on the packed weights (per-expert gate/up and down on the expert's own
                tokens): for many tokens per expert.
-    "auto"     by T, E and K (choose_path): "gather" for one token, "masked" for some, "sorted", then "grouped"
-               for many.
+    "auto"     by T, E, K and F (choose_path): "gather" for one token, "masked" for some, "sorted", then
+               "grouped" once each expert's products are large (T * K / E * F rows of hidden units).
 """
 
 from __future__ import annotations
@@ -51,10 +51,15 @@ PATHS = ("auto", "gather", "masked", "sorted", "grouped")
 # earlier rounds fitted the sorted threshold on a 2-core AVX2 EPYC (E 48 K 16 with S 384, and E 56 K 8 with
 # S 192, T from 1 to 512; README "CPU inference path"); the variables override them.
 SORTED_MIN_SKIPPED = float(os.environ.get("SURGERY_CPU_SORTED_MIN_SKIPPED", "48"))
-# Above this many (token, expert) pairs per expert, compute dominates and "grouped" (the reference's
-# algorithm: per-expert gate/up AND down, outputs added back) does less work than "sorted"'s dense down
-# projection; measured end to end on 8 x 512 prefill of the 50% demo model (1.30x dense vs 0.91x).
-GROUPED_MIN_PAIRS = float(os.environ.get("SURGERY_CPU_GROUPED_MIN_PAIRS", "256"))
+# "grouped" (the reference's algorithm: per-expert gate/up AND down, outputs added back) skips the down
+# projection's FLOPs too, where "sorted" runs one dense down projection; it pays once each expert's products
+# are large enough for their per-call cost: from this many rows of expert hidden units per expert, (T * K / E)
+# pairs times the expert width F. Round 23 (2-core Xeon, float32, every layer's FFN on real routed inputs,
+# `python -m surgery_evals.bench_cpu_paths`, results/bench/cpu-paths-*-r23.json): 96-wide experts (E10 K2)
+# break even between 1,229 and 2,458 rows (T = 64 / 128; at 512 tokens grouped 1.53x dense, sorted 1.28x),
+# 24-wide ones (E40 K8) at ~2,458 (T = 512: 1.09x / 1.13x; at 4,096 grouped 1.34x, sorted 0.89x). Until
+# round 23 the threshold was 256 pairs per expert whatever F (fitted on 24-wide experts).
+GROUPED_MIN_ROWS = float(os.environ.get("SURGERY_CPU_GROUPED_MIN_ROWS", "2500"))
 # The masked path's gate/up products are cut into pieces of at most this many weight rows: at 4-16 tokens
 # this machine's BLAS ran one [T, 576] x [576, 3072] product 25-30% slower than the same rows in pieces of
 # 512-1,536 (a dense Llama FFN's gate and up are two products of 1,536 rows), 30 layers' weights streamed.
@@ -125,13 +130,14 @@ def _pack(key, gate_EFD, up_EFD, down_EDF, shared) -> Packed:
     return packed
 
 
-def choose_path(T: int, E: int, K: int) -> str:
+def choose_path(T: int, E: int, K: int, F: int) -> str:
+    """The path for T tokens routed to K of E experts of width F."""
     if K >= E:  # every token runs every expert (e.g. E1 K1: a head-experts model's dense FFN): dense work
         return "masked"
     if T == 1:
         return "gather"
     skipped = 1 - K / E  # the fraction of routed experts a token does not run
-    if T * K / E >= GROUPED_MIN_PAIRS:
+    if T * K / E * F >= GROUPED_MIN_ROWS:
         return "grouped"
     return "sorted" if skipped * T >= SORTED_MIN_SKIPPED else "masked"
 
@@ -190,7 +196,7 @@ def moe_block(x_TD: torch.Tensor, router_ED: torch.Tensor, gate_EFD: torch.Tenso
 
 def _ffn(x_TD, p: Packed, weights_TK, ids_TK, path):
     if path == "auto":
-        path = choose_path(ids_TK.shape[0], p.num_experts, ids_TK.shape[1])
+        path = choose_path(ids_TK.shape[0], p.num_experts, ids_TK.shape[1], p.width)
     if path == "gather":
         return _gather(x_TD, p, weights_TK, ids_TK)
     if path == "masked":

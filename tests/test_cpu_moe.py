@@ -103,15 +103,27 @@ def test_masked_path_with_gaps_and_pieces_equals_the_reference(monkeypatch, max_
 
 def test_auto_goes_from_gather_to_grouped_as_tokens_grow():
     order = ["gather", "masked", "sorted", "grouped"]
-    for E, K in ((48, 16), (56, 8), (8, 2)):
-        assert cpu_moe.choose_path(1, E, K) == "gather"
-        assert cpu_moe.choose_path(8192, E, K) == "grouped"
+    for E, K, F in ((48, 16, 24), (56, 8, 24), (8, 2, 20), (10, 2, 96), (13, 1, 96), (40, 8, 24)):
+        assert cpu_moe.choose_path(1, E, K, F) == "gather"
+        assert cpu_moe.choose_path(8192, E, K, F) == "grouped"
         # Monotone in T: a path once left is not taken again.
-        paths = [order.index(cpu_moe.choose_path(T, E, K)) for T in range(1, 8193)]
+        paths = [order.index(cpu_moe.choose_path(T, E, K, F)) for T in range(1, 8193)]
         assert paths == sorted(paths)
     # Every expert selected by every token (E1 K1: the dense FFN of a heads-only conversion): the masked path,
     # a dense FFN's work, at any T (grouped would gather and scatter every token for nothing).
-    assert {cpu_moe.choose_path(T, E, E) for T in (1, 8, 4096) for E in (1, 4)} == {"masked"}
+    assert {cpu_moe.choose_path(T, E, E, 24) for T in (1, 8, 4096) for E in (1, 4)} == {"masked"}
+
+
+def test_grouped_starts_earlier_for_wider_experts():
+    """Per-expert products pay once they are large: by rows of hidden units per expert (T * K / E * F), so
+    96-wide experts go grouped at a 512-token prefill and 24-wide ones (four times the calls) later."""
+    assert cpu_moe.choose_path(512, 10, 2, 96) == "grouped"
+    assert cpu_moe.choose_path(512, 40, 8, 24) == "sorted"
+    assert cpu_moe.choose_path(4096, 40, 8, 24) == "grouped"
+    assert cpu_moe.choose_path(64, 10, 2, 96) == "sorted"
+    for E, K, F in ((10, 2, 96), (40, 8, 24), (13, 1, 96)):
+        first = next(T for T in range(2, 8193) if cpu_moe.choose_path(T, E, K, F) == "grouped")
+        assert first * K / E * F >= cpu_moe.GROUPED_MIN_ROWS > (first - 1) * K / E * F
 
 
 def test_packing_is_reused_and_follows_in_place_changes():
