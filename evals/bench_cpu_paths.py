@@ -16,11 +16,9 @@ path against dense.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -92,6 +90,7 @@ def bench(converted: str, dense: str, tokens: list[int], paths: list[str], round
 
 
 def main(argv=None) -> dict:
+    from surgery.atomic import write_json
     from surgery_kernels import cpu_moe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -118,8 +117,7 @@ def main(argv=None) -> dict:
         ap.error(str(e))
     r["command"] = "python -m surgery_evals.bench_cpu_paths " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+        write_json(a.json, r)
     return r
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -97,8 +96,9 @@ def main(argv=None) -> dict:
            "machine": machine()["summary"],
            "command": "python -m surgery_evals.bench_e2e_step " + " ".join(sys.argv[1:] if argv is None else argv)}
     if a.json_path:
-        Path(a.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json_path).write_text(json.dumps(out, indent=2) + "\n")
+        from surgery.atomic import write_json
+
+        write_json(a.json_path, out)
     return out
 
 

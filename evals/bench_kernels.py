@@ -18,7 +18,6 @@ top-level "path": "reference (CPU)"), small T.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -236,13 +235,7 @@ def bench_kernels(json_path, device=None, tokens=(1, 16, 128, 1024, 8192, 32768)
         "rows": rows,
         "skipped": skipped,
     }
-    _write_json_atomic(json_path, result)
+    from surgery.atomic import write_json
+
+    write_json(json_path, result)
     return result
-
-
-def _write_json_atomic(path, data) -> None:
-    from surgery.atomic import atomic_write_text
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -57,3 +57,12 @@ def atomic_file(path: str | os.PathLike):
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, data, indent: int = 2) -> None:
+    """`data` as indented JSON at `path` (parent folders made), written atomically."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
