@@ -9,8 +9,8 @@ thresholds on a machine; `surgery bench model` measures whole models.
 
 Inputs: the first T tokens' hidden states entering each layer's MLP, captured from the converted model run
 on WikiText-2 validation text (so each router routes as it does in use). Per T, the milliseconds for all
-layers' FFNs (median of interleaved rounds: drift hits every path alike), the path "auto" takes, and each
-path against dense.
+layers' FFNs (median of interleaved rounds: drift hits every path alike), the path "auto" takes, each path
+against dense, and each path's largest difference from the PyTorch reference's output on the same inputs.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def bench(converted: str, dense: str, tokens: list[int], paths: list[str], round
     from surgery.modeling import load_model, load_tokenizer
     from surgery.moe import MoEBlock
     from surgery_evals.report import machine
-    from surgery_kernels import cpu_moe
+    from surgery_kernels import cpu_moe, reference
 
     conv, dense_m = load_model(converted), load_model(dense)
     blocks = [layer.mlp for layer in conv.model.layers]
@@ -66,6 +66,14 @@ def bench(converted: str, dense: str, tokens: list[int], paths: list[str], round
             pieces = {"dense": lambda: [layer.mlp(x) for layer, (x, *_) in zip(dense_m.model.layers, calls)]}
             for path in paths:
                 pieces[path] = (lambda path=path: [cpu_moe._ffn(x, p, w, ids, path) for x, p, w, ids in calls])
+            # Each path's outputs against the reference's (kernels/reference.py), every layer, before timing.
+            err = {}
+            for path in paths:
+                diffs = [(cpu_moe._ffn(x, p, w, ids, path) - reference.moe_ffn(
+                    x, b.experts.gate_proj, b.experts.up_proj, b.experts.down_proj, w, ids,
+                    b.shared_expert.weights() if b.shared_expert is not None else None)).abs().max().item()
+                    for b, (x, p, w, ids) in zip(blocks, calls)]
+                err[path] = max(diffs)
             reps = max(1, int(2048 // T))  # enough calls per timing at small T
             times = {k: [] for k in pieces}
             for fn in pieces.values():
@@ -81,6 +89,7 @@ def bench(converted: str, dense: str, tokens: list[int], paths: list[str], round
             loads = [torch.bincount(ids.reshape(-1), minlength=E) for _, _, _, ids in calls]
             rows[T] = {"ms_all_layers": ms, "auto": auto,
                        "vs_dense": {k: round(ms["dense"] / v, 3) for k, v in ms.items() if k != "dense"},
+                       "max_abs_diff_vs_reference": {k: float(f"{v:.3g}") for k, v in err.items()},
                        "busiest_expert_over_mean": round(statistics.mean(
                            float(c.max() * E / c.sum()) for c in loads), 2)}
             print(T, rows[T], flush=True)

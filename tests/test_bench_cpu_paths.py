@@ -7,7 +7,9 @@ import pytest
 import surgery
 from surgery.convert import ConvertConfig, convert_model
 from surgery.modeling import save_converted
+from surgery.moe import moe_blocks
 from surgery_evals import bench_cpu_paths
+from surgery_kernels import cpu_moe
 
 from helpers import make_llama
 
@@ -21,11 +23,15 @@ def test_times_each_path_and_names_the_auto_choice(tmp_path, text_file):
                               "--paths", "masked,grouped", "--rounds", "2", "--data", str(text_file),
                               "--json", str(out)])
     assert r["layers"] == 2 and set(r["tokens"]) == {4, 64}
-    for row in r["tokens"].values():
+    width = moe_blocks(model)[0].experts.gate_proj.shape[1]
+    for T, row in r["tokens"].items():
         assert set(row["ms_all_layers"]) == {"dense", "masked", "grouped"}
         assert all(v > 0 for v in row["ms_all_layers"].values())
-        assert row["auto"] in ("gather", "masked", "sorted", "grouped")
+        assert row["auto"] == cpu_moe.choose_path(T, 6, 2, width)
         assert row["busiest_expert_over_mean"] >= 1.0
+        # float32 paths against the reference: summation order only
+        assert set(row["max_abs_diff_vs_reference"]) == {"masked", "grouped"}
+        assert all(d < 1e-4 for d in row["max_abs_diff_vs_reference"].values())
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("python -m surgery_evals.bench_cpu_paths") and "64" in saved["tokens"]
 
