@@ -64,6 +64,10 @@ class HeadExpertAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (dense_attn.q_proj, dense_attn.k_proj,
                                                               dense_attn.v_proj, dense_attn.o_proj)
         self._dense_forward = type(dense_attn).forward
+        # transformers >= 5.25 with the hub `kernels` package wraps the attention class's forward
+        # (kernels' use_kernelized_func): the wrapper reads the per-instance kernel table its __init__ made
+        if "_kernel_funcs" in vars(dense_attn):
+            self._kernel_funcs = vars(dense_attn)["_kernel_funcs"]
         self._source_module = sys.modules[type(dense_attn).__module__]
         self.heads, self.kv_heads, self.top_k = cfg.heads, cfg.kv_heads, cfg.top_k
         self.shared = cfg.shared_of(layer)
