@@ -55,25 +55,21 @@ def bench(converted: str, dense: str, tokens: list[int], paths: list[str], round
     with torch.inference_mode():
         for T in tokens:
             xs = _capture(conv, text[:T][None])
-            calls = []
+            calls, refs = [], []  # per layer: the path's arguments; the reference's output on them
             for b, x in zip(blocks, xs):
                 w, ids = cpu_moe.route(b.router_logits(x), b.routing.top_k, b.routing.score_func,
                                        b.routing.renormalize, b.routing.scale)
                 e = b.experts
                 shared = b.shared_expert.weights() if b.shared_expert is not None else None
                 calls.append((x, cpu_moe.pack(e.gate_proj, e.up_proj, e.down_proj, shared), w, ids))
+                refs.append(reference.moe_ffn(x, e.gate_proj, e.up_proj, e.down_proj, w, ids, shared))
             E, K = calls[0][1].num_experts, calls[0][3].shape[1]
             pieces = {"dense": lambda: [layer.mlp(x) for layer, (x, *_) in zip(dense_m.model.layers, calls)]}
             for path in paths:
                 pieces[path] = (lambda path=path: [cpu_moe._ffn(x, p, w, ids, path) for x, p, w, ids in calls])
-            # Each path's outputs against the reference's (kernels/reference.py), every layer, before timing.
-            err = {}
-            for path in paths:
-                diffs = [(cpu_moe._ffn(x, p, w, ids, path) - reference.moe_ffn(
-                    x, b.experts.gate_proj, b.experts.up_proj, b.experts.down_proj, w, ids,
-                    b.shared_expert.weights() if b.shared_expert is not None else None)).abs().max().item()
-                    for b, (x, p, w, ids) in zip(blocks, calls)]
-                err[path] = max(diffs)
+            # Each path's outputs against the reference's, every layer, before timing.
+            err = {path: max((y - ref).abs().max().item() for y, ref in zip(pieces[path](), refs))
+                   for path in paths}
             reps = max(1, int(2048 // T))  # enough calls per timing at small T
             times = {k: [] for k in pieces}
             for fn in pieces.values():

@@ -9,11 +9,11 @@ on CPUs with AMX / AVX-512 BF16). Writes results/quality/sampler-cpu.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+
+from surgery.atomic import write_json
 
 
 def main(argv=None) -> dict:
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
         print(runs[-1], flush=True)
     res = {"tokens": args.tokens, "seq_len": 256, "threads": torch.get_num_threads(), "runs": runs,
            "machine": machine()["summary"]}
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.out, res)
     return res
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from surgery.atomic import write_json
+
 
 def _run(cmd: list[str], threads: int, lock: str | None) -> tuple[float, str]:
     """(seconds inside the lock, stdout), with `threads` torch threads."""
@@ -102,8 +104,7 @@ def main() -> None:
                        "stream_equals_ordinary": evals["converted --stream"]["nll"] == evals["converted"]["nll"]},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(a.json, report)
     print(json.dumps({"compare": compare, "seconds": {k: v["wall_seconds"] for k, v in runs.items()},
                       "eval": {k: (round(v["perplexity"], 4), v["peak_rss_mb"]) for k, v in evals.items()}}, indent=2))
 

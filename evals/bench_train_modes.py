@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from surgery.atomic import write_json
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,7 +63,7 @@ def main(argv=None) -> dict:
                       "ctx 1024", "student": a.student, "teacher": a.teacher, "machine": machine(), "rows": rows,
               "command": "python -m surgery_evals.bench_train_modes " + " ".join(argv if argv is not None else sys.argv[1:])}
     if a.json_path:
-        Path(a.json_path).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(a.json_path, result, indent=1)
     return result
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as Fn
 from tqdm import tqdm
+
+from surgery.atomic import write_json
 
 
 @torch.no_grad()
@@ -109,8 +110,7 @@ def main(argv=None) -> dict:
            "layer_top_k": alloc, "allocated_kl": round(alloc_kl, 5), "seconds": round(time.time() - t0, 1),
            "machine": machine()["summary"]}
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+        write_json(a.json, res, indent=1)
     print(json.dumps({k: res[k] for k in ("uniform_kl", "layer_top_k", "allocated_kl", "seconds")}))
     return res
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from surgery.atomic import write_json
+
 KEY = "mlp.router.weight"
 
 
@@ -65,8 +67,7 @@ def main(argv=None) -> dict:
            "relative_change_mean": sum(rel) / len(rel), "relative_change_max": max(rel),
            "changed_fraction_mean": sum(r["changed_fraction"] for r in rows) / len(rows), "per_block": rows}
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+        write_json(a.json, res, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "per_block"}))
     return res
 
