@@ -243,6 +243,16 @@ def run_summary(report: dict) -> str:
     head = f"{name}: {report.get('method', '')}, pipeline {report.get('pipeline_seconds', 0) / 60:.1f} min " \
            f"(evaluation excluded) on {report.get('machine', {}).get('summary', '?')}"
     tail = []
+    budget = report.get("time_budget")
+    if budget:
+        line = f"time budget: {budget['budget_s'] / 60:.1f} min, " + ("kept" if budget["within"] else "exceeded")
+        cut = budget.get("e2e")
+        if cut and cut["cut"]:
+            line += (f"; end-to-end calibration cut to {report.get('stages', {}).get('e2e', {}).get('tokens', 0):,} "
+                     f"of {cut['max_tokens']:,} tokens to fit (surgery run --no-time-budget runs them all)")
+        elif not budget["enforced"]:
+            line += " (not enforced)"
+        tail.append(line)
     if speed:
         tail.append(f"speed: {speed.get('impl')} path, {speed.get('speedup', 0):.2f}x dense")
     for fmt, e in (report.get("exports") or {}).items():

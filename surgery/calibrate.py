@@ -118,6 +118,11 @@ class EndToEndConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # steps
+    # End the stage within this many seconds (None: run every token of `tokens`). The step count is planned
+    # from this process's measured step time once PLAN_WARMUP + PLAN_STEPS steps have run, and planned again
+    # after every checkpoint; it never exceeds `tokens`' steps, and the learning-rate schedule, snapshots and
+    # tail average follow the plan. A recipe sets it from its time_budget_s. Single process only.
+    time_limit_s: float | None = None
     autocast: str = "auto"  # bfloat16: "auto" (where it is fast; what runs in it: precision.Precision), "on", "off"
     # KD from the final hidden states in row chunks (losses.kd_from_hidden) where the models allow it; False:
     # the whole-vocabulary logits path (the same loss, slower; kept for comparison and for torchrun)
@@ -148,6 +153,8 @@ class EndToEndConfig:
             raise SurgeryError(f"e2e.prior_weight {self.prior_weight}: a loss weight, >= 0")
         if self.compile not in compiled.SETTINGS:
             raise SurgeryError(f"e2e.compile {self.compile!r}: choose auto, on or off")
+        if self.time_limit_s is not None and self.time_limit_s < 0:
+            raise SurgeryError(f"e2e.time_limit_s {self.time_limit_s}: seconds, >= 0 (null: no limit)")
 
 
 @dataclass
@@ -418,6 +425,24 @@ def _routing_at(step: int, steps: int, cfg: EndToEndConfig, base: RoutingConfig,
     return replace(base, top_k=k, scale=base.scale * k / base.top_k), 1.0 - t
 
 
+# The time limit's plan: made once PLAN_WARMUP + PLAN_STEPS steps have run in this process, from the steps
+# after the first PLAN_WARMUP (compilation, first-touch allocations), and made again every PLAN_EVERY steps from
+# the last PLAN_WINDOW of them (checkpoints included), so that it follows the machine's speed as it drifts (this
+# VM's step time moved by 15% within one 8-minute stage).
+PLAN_WARMUP, PLAN_STEPS, PLAN_EVERY, PLAN_WINDOW = 2, 3, 10, 50
+
+
+def planned_steps(step: int, max_steps: int, marks: list[float], elapsed: float, limit: float,
+                  reserve: float = 0.0) -> int:
+    """The step count that ends the stage within `limit` seconds: `step` steps done, `elapsed` seconds spent,
+    `marks` the times (seconds) at which this process's steps ended, `reserve` seconds kept for the stage's last
+    checkpoint. At least one step more, at most max_steps."""
+    first = max(PLAN_WARMUP - 1, len(marks) - 1 - PLAN_WINDOW)
+    per_step = (marks[-1] - marks[first]) / (len(marks) - 1 - first)
+    fit = int(max(0.0, limit - elapsed - reserve) / max(per_step, 1e-9))
+    return max(step + 1, min(max_steps, step + fit))
+
+
 def _epoch_order(n: int, steps: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
     """Window order for `steps` batches: one shuffled pass after another when the budget exceeds the data."""
     need = steps * batch_size
@@ -436,7 +461,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     if wins.shape[0] == 0:
         raise SurgeryError(f"calibration data has fewer than e2e.ctx = {cfg.ctx} tokens")
     g = torch.Generator().manual_seed(seed + 1)
-    steps = max(1, cfg.tokens // (cfg.batch_size * cfg.ctx))
+    steps = max_steps = max(1, cfg.tokens // (cfg.batch_size * cfg.ctx))  # a time limit may plan fewer
     order = _epoch_order(wins.shape[0], steps, cfg.batch_size, g)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -468,6 +493,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                 p.requires_grad_(True)
                 params.append(p)
     if dist is not None:
+        if cfg.time_limit_s is not None:
+            raise SurgeryError("e2e.time_limit_s: not under torchrun (each process would plan its own steps)")
         if cfg.average_tail:
             raise SurgeryError("e2e.average_tail: not under torchrun (the mean is kept per process)")
         for name in ("router_lr_scale", "expert_lr_scale"):
@@ -502,10 +529,12 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         else:
             opt.load_state_dict(resume_blob["optimizer"])
         start = resume_blob["state"]["step"]
+        steps = min(steps, resume_blob["state"].get("steps", steps))  # a time limit's plan stands
         history = resume_blob["state"].get("history", [])
         snaps = resume_blob["state"].get("snapshots", [])
         elapsed0 = resume_blob["state"].get("seconds", 0.0)
         torch.set_rng_state(resume_blob["rng"])
+    marks, ckpt_s = [], 0.0  # when each of this process's steps ended, the last checkpoint's seconds (the plan)
     base_routing = [b.routing for b in blocks]
     for b in blocks:
         b.oracle_on, b.router_ste = cfg.prior_weight > 0, cfg.router_ste
@@ -524,16 +553,28 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                                transition=bool(cfg.k_start and cfg.transition > 0), lora=adapters is not None,
                                heads=bool(heads))
     compiled_stack = contextlib.ExitStack()  # the layers are eager again when the stage ends, however it ends
-    tail_from = steps - max(1, round(cfg.average_tail * steps)) if cfg.average_tail else steps
+    def schedule(steps):  # (first step of the tail average, snapshot steps) for this many steps
+        tail = steps - max(1, round(cfg.average_tail * steps)) if cfg.average_tail else steps
+        return tail, sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
+
+    tail_from, snap_steps = schedule(steps)
     tail_mean, tail_n = None, 0
-    snap_steps = sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
     student.train(False)  # no dropout in Llama; keep eval semantics
     ema_ce, ema_kd = None, None
     bar = tqdm(total=steps, initial=start, desc="end-to-end", unit="step", disable=not progress)
     t0 = time.time() - elapsed0
     try:
         compiled_stack.enter_context(compiled.compiled_layers([student, t_model], comp))
-        for step in range(start, steps):
+        for step in range(start, max_steps):
+            if cfg.time_limit_s is not None and len(marks) >= PLAN_WARMUP + PLAN_STEPS and (
+                    (len(marks) - PLAN_WARMUP - PLAN_STEPS) % PLAN_EVERY == 0):
+                steps = planned_steps(step, max_steps, marks, time.time() - t0, cfg.time_limit_s, ckpt_s)
+                tail, snap_steps = schedule(steps)
+                tail_from = tail if tail_n == 0 else tail_from  # an average under way keeps its start
+                bar.total = steps
+                bar.refresh()
+            if step >= steps:
+                break
             batch = wins[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
             mine = batch if dist is None else dist.local(batch)
             for group in opt.param_groups:
@@ -611,14 +652,17 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                     snaps.append(_save_snapshot(ckpt, student, step + 1, steps, time.time() - t0, cfg.train == "all",
                                                 full, cfg))
             if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
-                state = {"stage": "e2e", "step": step + 1, "history": history, "snapshots": snaps,
+                state = {"stage": "e2e", "step": step + 1, "steps": steps, "history": history, "snapshots": snaps,
                          "seconds": round(time.time() - t0, 2)}
+                t_ckpt = time.time()
                 if dist is None:
                     _save_ckpt(ckpt, state, student, opt, all_layers=cfg.train == "all")
                 else:
                     from surgery.distributed import save_checkpoint as save_dcp
 
                     save_dcp(ckpt, state, student, opt, cfg.train == "all", dist)
+                ckpt_s = time.time() - t_ckpt  # the time limit keeps this much for the last one
+            marks.append(time.time())  # the step's end, its checkpoint included
     finally:
         compiled_stack.close()
         for b, r, impl in zip(blocks, base_routing, block_impls):
@@ -632,8 +676,12 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
     bar.close()
     for p in student.parameters():
         p.requires_grad_(False)
-    return {"steps": steps, "tokens": steps * cfg.batch_size * cfg.ctx, "seconds": round(time.time() - t0, 2),
-            "trainable_parameters": trainable, "history": history, "snapshots": snaps}
+    out = {"steps": steps, "tokens": steps * cfg.batch_size * cfg.ctx, "seconds": round(time.time() - t0, 2),
+           "trainable_parameters": trainable, "history": history, "snapshots": snaps}
+    if cfg.time_limit_s is not None:  # what the plan cut: the tokens asked for against those that fit
+        out["time_limit"] = {"limit_s": round(cfg.time_limit_s, 1), "max_steps": max_steps,
+                             "max_tokens": max_steps * cfg.batch_size * cfg.ctx, "cut": steps < max_steps}
+    return out
 
 
 def _save_snapshot(ckpt: Path, model, step: int, steps: int, seconds: float, all_layers: bool,

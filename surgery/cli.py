@@ -549,6 +549,9 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
               help="torch.compile every decoder layer for the end-to-end stage (~25% more tokens/s on a 2-core CPU; "
                    "~30 s to compile): auto = on a CPU with a C++ compiler, single process, 64 steps or more, no "
                    "LoRA or head experts; on = always; off = eager.")
+@click.option("--time-limit", type=float, default=None,
+              help="End-to-end: end the stage within this many seconds, on as many of --tokens as fit (the step "
+                   "count planned from measured step times; single process)  [default: no limit]")
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt/ (written after every layer and every "
               "50 steps).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -557,7 +560,7 @@ def profile_cmd(model_path, out, data, tokens, ctx, samples, batch_size, seed, d
 def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expert_epochs, ctx, batch_size, lr,
                   train, lora_rank, lora_alpha, balance, concentration, ce_weight, average_tail, prior_weight,
                   e2e_prior_weight, router_ste, head_train, head_steps, head_lr, head_balance, head_concentration,
-                  seed, device, autocast, compile_, resume, overwrite, json_path):
+                  seed, device, autocast, compile_, time_limit, resume, overwrite, json_path):
     """Distil the converted MODEL towards its dense --teacher; write the calibrated model to OUT.
 
     \b
@@ -584,7 +587,7 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
     e2e = EndToEndConfig(tokens=tokens, ctx=ctx, batch_size=batch_size, lr=lr, train=train, lora_rank=lora_rank,
                          lora_alpha=lora_alpha, balance=balance, concentration=concentration, autocast=autocast,
                          ce_weight=ce_weight, average_tail=average_tail, compile=compile_,
-                         prior_weight=e2e_prior_weight, router_ste=router_ste,
+                         prior_weight=e2e_prior_weight, router_ste=router_ste, time_limit_s=time_limit,
                          **heads) if tokens > 0 else None
     cfg = CalibrateConfig(layerwise=lw, e2e=e2e, seed=seed, data=data)
     result = run_calibrate(model_path, out, teacher, cfg, device=device, resume=resume, overwrite=overwrite)
@@ -598,18 +601,25 @@ def calibrate_cmd(model_path, out, teacher, data, tokens, layerwise_tokens, expe
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path())
 @click.option("--out", type=click.Path(), required=True, help="Run folder (rerun with the same --out to resume).")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the report JSON here.")
+@click.option("--no-time-budget", is_flag=True,
+              help="Run every end-to-end token the recipe names, however long it takes (by default the end-to-end "
+                   "stage ends within the recipe's time_budget_s, on fewer tokens on a slower machine).")
 @_friendly
-def run_cmd(recipe_path, out, json_path):
+def run_cmd(recipe_path, out, json_path, no_time_budget):
     """Run a recipe (recipes/*.yaml): profile -> convert -> calibrate -> evaluate, resumably.
 
     Writes OUT/model/ (native format), OUT/report.json (dense and converted perplexities, active FFN fraction,
     per-layer expert load, tokens and seconds per stage, machine) and PNG plots of expert load and of
-    perplexity against active fraction."""
+    perplexity against active fraction.
+
+    A recipe's time_budget_s bounds the pipeline up to the end of calibration (evaluation excluded): the
+    end-to-end stage measures its step time and plans as many steps as fit in what the earlier stages left,
+    never more than the recipe's e2e tokens. The report says whether the budget held and what it cut."""
     from surgery.recipe import Recipe, run_recipe
 
     from surgery_evals.report import run_summary
 
-    report = run_recipe(Recipe.load(recipe_path), out, recipe_path=str(recipe_path))
+    report = run_recipe(Recipe.load(recipe_path), out, recipe_path=str(recipe_path), time_budget=not no_time_budget)
     click.echo(run_summary(report))
     if json_path:
         _emit(report, json_path, as_json=False)

@@ -11,6 +11,10 @@ stages) plus an `evaluate` block. `surgery run RECIPE --out DIR` writes
                               tokens and seconds per stage, machine
     DIR/expert_load.png, DIR/perplexity_vs_active.png
     DIR/state.json            which stages are done (a rerun skips them: resumable)
+
+A recipe's time_budget_s is kept on any machine: the end-to-end stage gets what profiling, conversion and the
+layer-wise stage left of it and plans its steps from their measured time (a slower CPU calibrates on fewer
+tokens); the report's "time_budget" says whether the pipeline kept it and what the plan cut.
 """
 
 from __future__ import annotations
@@ -74,7 +78,11 @@ class Recipe:
     # (data.sampling_spec), default WikiText-2 valid
     calibration_data: str | None = None
     evaluate: dict = field(default_factory=dict)
-    time_budget_s: float | None = None  # the recipe's stated budget (reported, not enforced)
+    # The pipeline's budget in seconds, profile to end-to-end (evaluation, baselines and export excluded): the
+    # end-to-end stage plans its steps to end within what the earlier stages left (EndToEndConfig.time_limit_s),
+    # so a slower machine calibrates on fewer tokens rather than for longer. `surgery run --no-time-budget`
+    # runs every e2e token whatever the time. null: no budget.
+    time_budget_s: float | None = None
     export: list = field(default_factory=list)  # formats written to DIR/export-<format>/ (native, mixtral, ...)
 
     @classmethod
@@ -184,7 +192,23 @@ def _without_baselines(recipe: dict) -> dict:
     return {**recipe, "evaluate": ev}
 
 
-def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | None = None) -> dict:
+# Seconds of the budget kept back from the end-to-end stage's loop for what the stage does around it (loading
+# the student, saving the model).
+BUDGET_RESERVE_S = 15.0
+
+
+def _e2e_time_limit(recipe: Recipe, state: "_State") -> float | None:
+    """The end-to-end loop's time limit under the recipe's budget: what the earlier stages left of it."""
+    if recipe.time_budget_s is None:
+        return None
+    spent = sum(state.data["stages"].get(k, {}).get("seconds", 0) for k in ("profile", "convert", "layerwise"))
+    return max(0.0, recipe.time_budget_s - spent - BUDGET_RESERVE_S)
+
+
+def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | None = None,
+               time_budget: bool = True) -> dict:
+    """Run (or resume) `recipe` into `out`. time_budget False: the end-to-end stage runs all its tokens
+    whatever recipe.time_budget_s says."""
     from surgery.calibrate import (CalibrateConfig, EndToEndConfig, LayerwiseConfig, calibrate)
     from surgery.convert import ConvertConfig, convert
     from surgery.modeling import load_model, load_tokenizer, save_converted
@@ -279,9 +303,14 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
         if not (state.done(s) and stage_dir(s).is_dir()):
             t0 = time.time()
             student = load_model(stage_dir(prev), device=device)
+            e2e = None
+            if s == "e2e":
+                e2e = EndToEndConfig(**recipe.e2e)
+                limit = _e2e_time_limit(recipe, state) if time_budget else None
+                if limit is not None:
+                    e2e.time_limit_s = limit if e2e.time_limit_s is None else min(limit, e2e.time_limit_s)
             cfg = CalibrateConfig(layerwise=LayerwiseConfig(**recipe.layerwise) if s == "layerwise" else None,
-                                  e2e=EndToEndConfig(**recipe.e2e) if s == "e2e" else None,
-                                  seed=recipe.seed, data=recipe.calibration_data)
+                                  e2e=e2e, seed=recipe.seed, data=recipe.calibration_data)
             ids = sampled((cfg.layerwise or cfg.e2e).tokens, recipe.calibration_data) \
                 if sampling_spec(recipe.calibration_data) is not None else None
             res = calibrate(student, get_dense(), tokenizer, cfg, ckpt=out / "checkpoints" / s, resume=True,
@@ -293,6 +322,8 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
                 hist = res["e2e"]["history"]
                 info["curve"] = _curve(hist)
                 info["snapshots"] = res["e2e"].get("snapshots", [])
+                if "time_limit" in res["e2e"]:
+                    info["time_limit"] = res["e2e"]["time_limit"]
             else:
                 info["layers"] = res.get("layerwise", {}).get("layers", [])
             state.mark(s, info)
@@ -432,9 +463,10 @@ def _dense_cache_key(src: Path, data: Path, tokens: int, ctx: int, dtype: str) -
 
 
 def _static_baseline(recipe: Recipe, src: Path, out: Path, keep: float, get_dense, e2e_ids, device: str,
-                     progress: bool):
+                     progress: bool, e2e_tokens: int | None = None):
     """The static-pruning baseline at `keep` of the FFN, distilled like the recipe's e2e stage (same tokens,
-    context, batch, learning rate and text; every decoder-layer weight). In memory only; returns (model, info)."""
+    context, batch, learning rate and text; every decoder-layer weight). e2e_tokens: the tokens the
+    conversion's stage ran (fewer than the recipe's under a time budget). In memory only; returns (model, info)."""
     from surgery.calibrate import EndToEndConfig
     from surgery.modeling import load_model
     from surgery.profile import load_profile
@@ -447,7 +479,7 @@ def _static_baseline(recipe: Recipe, src: Path, out: Path, keep: float, get_dens
     info = {"keep": keep, "tokens": 0}
     if recipe.e2e is not None:
         e2e = EndToEndConfig(**recipe.e2e)
-        cfg = EndToEndConfig(tokens=e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr, train="all",
+        cfg = EndToEndConfig(tokens=e2e_tokens or e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr, train="all",
                              ce_weight=e2e.ce_weight, average_tail=e2e.average_tail,  # the recipe's loss too
                              compile=e2e.compile)  # and its compiled or eager layers
         r = distil(model, get_dense(), e2e_ids(cfg.tokens), cfg, recipe.seed, progress)
@@ -514,7 +546,8 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
     moe_cfg = json.loads((stage_dir(model_stages[-1]) / "config.json").read_text())["surgery"]
     if ec.static_baseline and any(("static", ds) not in done for ds in ec.datasets):
         keep = moe_cfg["active_ffn_fraction"]
-        model, info = _static_baseline(recipe, src, out, keep, get_dense, e2e_ids, device, progress)
+        model, info = _static_baseline(recipe, src, out, keep, get_dense, e2e_ids, device, progress,
+                                       state.data["stages"].get("e2e", {}).get("tokens"))
         for ds, max_tokens in ec.datasets.items():
             if ("static", ds) not in done:
                 r = perplexity(model, tokenizer, resolve_data(EVAL_DATA.get(ds, ds)), max_tokens, ec.ctx,
@@ -570,6 +603,11 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
         "speed": speed,
         "machine": machine(),
     }
+    if recipe.time_budget_s is not None:  # whether the pipeline kept to it, and what the e2e plan cut
+        limit = stages_info.get("e2e", {}).get("time_limit")
+        report["time_budget"] = {"budget_s": recipe.time_budget_s, "pipeline_s": round(cum, 1),
+                                 "within": cum <= recipe.time_budget_s, "enforced": limit is not None,
+                                 **({"e2e": limit} if limit else {})}
     if ec.static_baseline:
         report["static_baseline"] = state.data["stages"].get("static-baseline")
     if ec.activation_sparsity:
