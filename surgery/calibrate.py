@@ -120,7 +120,7 @@ class EndToEndConfig:
     checkpoint_every: int = 50  # steps
     # End the stage within this many seconds (None: run every token of `tokens`). The step count is planned
     # from this process's measured step time once PLAN_WARMUP + PLAN_STEPS steps have run, and planned again
-    # after every checkpoint; it never exceeds `tokens`' steps, and the learning-rate schedule, snapshots and
+    # every PLAN_EVERY steps; it never exceeds `tokens`' steps, and the learning-rate schedule, snapshots and
     # tail average follow the plan. A recipe sets it from its time_budget_s. Single process only.
     time_limit_s: float | None = None
     autocast: str = "auto"  # bfloat16: "auto" (where it is fast; what runs in it: precision.Precision), "on", "off"
@@ -553,12 +553,15 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                                transition=bool(cfg.k_start and cfg.transition > 0), lora=adapters is not None,
                                heads=bool(heads))
     compiled_stack = contextlib.ExitStack()  # the layers are eager again when the stage ends, however it ends
-    def schedule(steps):  # (first step of the tail average, snapshot steps) for this many steps
-        tail = steps - max(1, round(cfg.average_tail * steps)) if cfg.average_tail else steps
-        return tail, sorted({max(1, round(f * steps)) for f in cfg.snapshots if 0 < f < 1})
+    def tail_start(steps):  # the first step of the tail average
+        return steps - max(1, round(cfg.average_tail * steps)) if cfg.average_tail else steps
 
-    tail_from, snap_steps = schedule(steps)
-    tail_mean, tail_n = None, 0
+    def snap_due(step, steps):  # a snapshot's fraction of the (planned) steps reached at this step's end
+        return snap_next < len(fracs) and step + 1 >= max(1, round(fracs[snap_next] * steps))
+
+    tail_from, tail_mean, tail_n = tail_start(steps), None, 0
+    fracs = sorted({f for f in cfg.snapshots if 0 < f < 1})  # taken in order, each once, whatever the plan does
+    snap_next = resume_blob["state"].get("snap_next", len(snaps)) if resume_blob is not None else 0
     student.train(False)  # no dropout in Llama; keep eval semantics
     ema_ce, ema_kd = None, None
     bar = tqdm(total=steps, initial=start, desc="end-to-end", unit="step", disable=not progress)
@@ -569,8 +572,7 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
             if cfg.time_limit_s is not None and len(marks) >= PLAN_WARMUP + PLAN_STEPS and (
                     (len(marks) - PLAN_WARMUP - PLAN_STEPS) % PLAN_EVERY == 0):
                 steps = planned_steps(step, max_steps, marks, time.time() - t0, cfg.time_limit_s, ckpt_s)
-                tail, snap_steps = schedule(steps)
-                tail_from = tail if tail_n == 0 else tail_from  # an average under way keeps its start
+                tail_from = tail_start(steps) if tail_n == 0 else tail_from  # an average under way keeps its start
                 bar.total = steps
                 bar.refresh()
             if step >= steps:
@@ -646,14 +648,16 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
                             **({"hidden": float(f"{hid_v:.6g}")} if hid is not None else {})})
             bar.set_postfix(kd=f"{ema_kd:.4f}", ppl=f"{math.exp(ema_ce):.2f}")
             bar.update(1)
-            if ckpt is not None and step + 1 in snap_steps:
+            if ckpt is not None and snap_due(step, steps):
+                while snap_due(step, steps):  # fractions that fall on one step share its snapshot
+                    snap_next += 1
                 full = dist.full_state(student) if dist is not None else None
                 if dist is None or dist.main:
                     snaps.append(_save_snapshot(ckpt, student, step + 1, steps, time.time() - t0, cfg.train == "all",
                                                 full, cfg))
             if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
                 state = {"stage": "e2e", "step": step + 1, "steps": steps, "history": history, "snapshots": snaps,
-                         "seconds": round(time.time() - t0, 2)}
+                         "snap_next": snap_next, "seconds": round(time.time() - t0, 2)}
                 t_ckpt = time.time()
                 if dist is None:
                     _save_ckpt(ckpt, state, student, opt, all_layers=cfg.train == "all")

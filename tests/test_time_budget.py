@@ -55,11 +55,13 @@ def test_e2e_time_limit_cuts_the_stage_and_the_schedule_follows(tiny, tmp_path, 
                         real(step, steps, cfg))
     # no time at all: the plan, made after PLAN_WARMUP + PLAN_STEPS steps, keeps one step more
     cfg = EndToEndConfig(tokens=16 * 64, ctx=32, batch_size=2, lr=1e-3, autocast="off", train="moe",
-                         compile="off", time_limit_s=0.0)
+                         compile="off", time_limit_s=0.0, snapshots=[0.5])
     ckpt = tmp_path / "ckpt"
     res = run_end_to_end(_student(tiny), surgery.load(tiny), ids, cfg, ckpt=ckpt, progress=False)
     n = PLAN_WARMUP + PLAN_STEPS + 1
     assert res["steps"] == len(res["history"]) == n and res["tokens"] == n * 64
+    # the snapshot due at half the 16 steps falls behind the plan: taken once, at the first step past half of it
+    assert [s["step"] for s in res["snapshots"]] == [n]
     assert res["time_limit"] == {"limit_s": 0.0, "max_steps": 16, "max_tokens": 1024, "cut": True}
     # the learning rate followed the 16-step schedule until the plan, the planned one after it
     assert [s for _, s in seen] == [16] * (n - 1) + [n]
@@ -74,6 +76,11 @@ def test_e2e_time_limit_cuts_the_stage_and_the_schedule_follows(tiny, tmp_path, 
                          compile="off", time_limit_s=3600.0)
     res = run_end_to_end(_student(tiny), surgery.load(tiny), ids, cfg, progress=False)
     assert res["steps"] == 16 and res["time_limit"]["cut"] is False and {s for _, s in seen} == {16}
+    # without a plan snapshots fall where they always did: fractions of the steps, one per step
+    cfg = EndToEndConfig(tokens=16 * 64, ctx=32, batch_size=2, lr=1e-3, autocast="off", train="moe",
+                         compile="off", snapshots=[0.25, 0.26, 0.5])
+    res = run_end_to_end(_student(tiny), surgery.load(tiny), ids, cfg, ckpt=tmp_path / "ckpt2", progress=False)
+    assert [s["step"] for s in res["snapshots"]] == [4, 8]
 
 
 def test_e2e_time_limit_is_checked():
