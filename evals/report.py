@@ -252,6 +252,8 @@ def run_summary(report: dict) -> str:
                      f"of {cut['max_tokens']:,} tokens to fit (surgery run --no-time-budget runs them all)")
         elif not budget["enforced"]:
             line += " (not enforced)"
+        for corpus in (budget.get("sampling") or {}).values():
+            line += f"; sampled text cut to {corpus['tokens']:,} of {corpus['asked']:,} tokens"
         tail.append(line)
     if speed:
         tail.append(f"speed: {speed.get('impl')} path, {speed.get('speedup', 0):.2f}x dense")

@@ -246,7 +246,8 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
 @torch.no_grad()
 def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size: int = 8, seed: int = 0,
                   temperature: float = 1.0, top_p: float = 0.95, progress: bool = True,
-                  candidates: int = 1024, bf16: bool | None = None, prompts: list[str] | None = None) -> torch.Tensor:
+                  candidates: int = 1024, bf16: bool | None = None, prompts: list[str] | None = None,
+                  deadline: float | None = None) -> torch.Tensor:
     """A data-free calibration corpus: `tokens` token ids sampled from the (dense) model itself. Without
     `prompts` each sequence starts from BOS (or a random vocabulary token when the tokenizer has none) and
     keeps it; with them, each sequence is the model's `seq_len`-token answer to one prompt (surgery/prompts.py;
@@ -256,8 +257,11 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
     Nucleus sampling among the `candidates` most likely tokens (a top-k of the logits instead of sorting the
     whole vocabulary at every step); batches shrink to what is still needed, so no sequence is wasted.
     bf16: sample from a bfloat16 copy of a float32 model on a CPU (None: where bf16 matmuls are fast,
-    precision.fast_bf16; the draws then differ from float32's where the rounding moves a probability)."""
+    precision.fast_bf16; the draws then differ from float32's where the rounding moves a probability).
+    deadline (time.time() seconds): stop there with fewer tokens than asked; after the first batch, each batch
+    shrinks to the sequences the measured rate fits before it."""
     import copy
+    import time
 
     from tqdm import tqdm
 
@@ -278,8 +282,14 @@ def sample_corpus(model, tokenizer, tokens: int, seq_len: int = 256, batch_size:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out, have, used = [], 0, 0
     bar = tqdm(total=tokens, desc="sampling corpus", unit="tok", disable=not progress)
+    t0 = time.time()
     while have < tokens:
         n = min(batch_size, -(-(tokens - have) // seq_len))
+        if deadline is not None and have:
+            fit = int((deadline - time.time()) * have / max(time.time() - t0, 1e-9)) // seq_len
+            if fit < 1:
+                break
+            n = min(n, fit)
         kw = {}
         if prompts:  # left-padded prompts, masked out; positions count only real tokens
             rows = [seeds[order[(used + i) % len(order)]] for i in range(n)]

@@ -166,11 +166,12 @@ MIX_BLOCK = 512  # a multiple of every stage's window, so each window is from on
 
 
 def calibration_ids(tokenizer, data=None, tokens: int = 16384, model=None, seed: int = 0,
-                    progress: bool = True) -> torch.Tensor:
+                    progress: bool = True, deadline: float | None = None) -> torch.Tensor:
     """Token ids for calibration: the first `tokens` of a text/JSONL file (default WikiText-2 valid), or, with
     data="sample", text sampled from `model` itself (data-free), or with data="mix", half and half of the two
     interleaved in blocks of MIX_BLOCK tokens (the model's own text keeps domains the file lacks in step);
-    "prompted" / "mix-prompted" sample the model's answers to seed prompts instead (data.sampling_spec)."""
+    "prompted" / "mix-prompted" sample the model's answers to seed prompts instead (data.sampling_spec).
+    deadline: sampling stops there (data.sample_corpus), and a mix keeps its halves equal."""
     from surgery.data import interleave, resolve_data, sample_corpus, sampled_tokens, sampling_spec, tokenize_file
 
     spec = sampling_spec(data)
@@ -179,10 +180,12 @@ def calibration_ids(tokenizer, data=None, tokens: int = 16384, model=None, seed:
         if model is None:
             raise SurgeryError(f"--data {data} needs the dense model to sample from")
         n = sampled_tokens(tokens, mode)
-        sampled = sample_corpus(model, tokenizer, n, seed=seed, progress=progress, batch_size=128, prompts=prompts)
+        sampled = sample_corpus(model, tokenizer, n, seed=seed, progress=progress, batch_size=128, prompts=prompts,
+                                deadline=deadline)
         if mode == "sample":
             return sampled
-        return interleave(tokenize_file(tokenizer, resolve_data(None), tokens // 2), sampled, MIX_BLOCK)
+        half = min(tokens // 2, sampled.numel())
+        return interleave(tokenize_file(tokenizer, resolve_data(None), half), sampled, MIX_BLOCK)
     path = resolve_data(data)
     return tokenize_file(tokenizer, path, tokens)  # a short file gives what it has; callers report the count
 

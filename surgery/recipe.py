@@ -166,6 +166,9 @@ class _State:
 
     def mark(self, stage: str, info: dict) -> None:
         self.data["stages"][stage] = info
+        self.save()
+
+    def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
@@ -195,6 +198,12 @@ def _without_baselines(recipe: dict) -> dict:
 # Seconds of the budget kept back from the end-to-end stage's loop for what the stage does around it (loading
 # the student, saving the model).
 BUDGET_RESERVE_S = 15.0
+# Under a kept budget, the share of what is left that text sampled from the dense model may take (a `mix` or
+# `mix-prompted` corpus sized for every e2e token took 9.6 of the 50% recipe's 30 minutes on a 2-core Xeon
+# without AMX, for an e2e stage that then had time for under half of them). Each calibration token of a mix
+# costs 1/(2s) seconds of sampling and 1/e of training; measured e ~ s/2 (Xeon without AMX: e2e 106 tokens/s,
+# sampler 220; AMD EPYC 117 / 210), so the split that trains on every token drawn samples e/(e + 2s) ~ 20%.
+SAMPLE_SHARE = 0.2
 
 
 def _e2e_time_limit(recipe: Recipe, state: "_State") -> float | None:
@@ -254,17 +263,29 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
         path = out / ("sampled_corpus.pt" if prompts is None else
                       f"prompted_corpus-{hashlib.sha256(repr(prompts).encode()).hexdigest()[:8]}.pt")
         ids = torch.load(path, weights_only=True) if path.is_file() else None
-        if ids is None or ids.numel() < own:
+        cut = state.data.get("sampling_cut", {})
+        if ids is None or (ids.numel() < own and path.name not in cut):
             # draw once what every stage reading this corpus needs, and no more: a profile on `mix` beside
             # calibration on `mix-prompted` reads 8k unprompted tokens, not the calibration's 127k
             need = max([own] + [n for n, stage_prompts in _sampling_needs(recipe) if stage_prompts == prompts])
             ids = calibration_ids(tokenizer, "sample" if prompts is None else data.replace("mix-", "", 1), need,
-                                  get_dense(), recipe.seed, progress)
+                                  get_dense(), recipe.seed, progress, deadline=sampling_deadline())
             with atomic_file(path) as tmp:
                 torch.save(ids, tmp)
+            if ids.numel() < need:  # the time budget ended the draw: the corpus the run's stages read
+                state.data["sampling_cut"] = {**cut, path.name: {"tokens": int(ids.numel()), "asked": need}}
+                state.save()
+        own = min(own, ids.numel())
         if mode == "sample":
-            return ids[:tokens]
-        return interleave(tokenize_file(tokenizer, resolve_data(None), tokens // 2), ids[:own], MIX_BLOCK)
+            return ids[:own]
+        return interleave(tokenize_file(tokenizer, resolve_data(None), min(tokens // 2, own)), ids[:own], MIX_BLOCK)
+
+    def sampling_deadline() -> float | None:
+        """Under a kept budget, drawing text may take SAMPLE_SHARE of what the finished stages left of it."""
+        if not time_budget or recipe.time_budget_s is None:
+            return None
+        spent = sum(state.data["stages"].get(k, {}).get("seconds", 0) for k in ("profile", "convert", "layerwise"))
+        return time.time() + SAMPLE_SHARE * max(0.0, recipe.time_budget_s - spent - BUDGET_RESERVE_S)
 
     # 1. profile
     prof_path = out / "profile.pt"
@@ -317,7 +338,8 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
                             progress=progress, ids=ids)
             save_converted(student, stage_dir(s), tokenizer_from=src, overwrite=True)
             tokens = res.get("layerwise", {}).get("tokens", 0) if s == "layerwise" else res["e2e"]["tokens"]
-            info = {"seconds": round(time.time() - t0, 2), "tokens": tokens}
+            info = {"seconds": round(time.time() - t0, 2), "tokens": tokens,
+                    "corpus_tokens": res.get("calibration_tokens_available")}  # the text the stage drew from
             if s == "e2e":
                 hist = res["e2e"]["history"]
                 info["curve"] = _curve(hist)
@@ -607,7 +629,8 @@ def _evaluate(recipe, out, src, tokenizer, get_dense, stage_dir, model_stages, s
         limit = stages_info.get("e2e", {}).get("time_limit")
         report["time_budget"] = {"budget_s": recipe.time_budget_s, "pipeline_s": round(cum, 1),
                                  "within": cum <= recipe.time_budget_s, "enforced": limit is not None,
-                                 **({"e2e": limit} if limit else {})}
+                                 **({"e2e": limit} if limit else {}),
+                                 **({"sampling": state.data["sampling_cut"]} if state.data.get("sampling_cut") else {})}
     if ec.static_baseline:
         report["static_baseline"] = state.data["stages"].get("static-baseline")
     if ec.activation_sparsity:

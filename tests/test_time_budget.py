@@ -118,3 +118,46 @@ def test_recipe_budget_cuts_the_e2e_stage_and_says_so(tmp_path, text_file):
     report = run_recipe(Recipe.load(path), tmp_path / "run-kept", progress=False)
     assert report["stages"]["e2e"]["tokens"] == 2048
     assert report["time_budget"]["within"] and not report["time_budget"]["e2e"]["cut"]
+
+
+def test_sampling_stops_at_its_deadline(tmp_path):
+    import time
+
+    from surgery.data import sample_corpus
+    from surgery.modeling import load_tokenizer
+
+    src = make_llama(tmp_path / "dense")
+    model, tok = surgery.load(src), load_tokenizer(src)
+    whole = sample_corpus(model, tok, 40, seq_len=10, batch_size=2, seed=3, progress=False)
+    late = sample_corpus(model, tok, 40, seq_len=10, batch_size=2, seed=3, progress=False, deadline=time.time() - 1)
+    assert late.numel() == 20 and torch.equal(late, whole[:20])  # the first batch is always drawn, then no more
+    far = sample_corpus(model, tok, 40, seq_len=10, batch_size=2, seed=3, progress=False, deadline=time.time() + 3600)
+    assert torch.equal(far, whole)
+
+
+def test_recipe_budget_cuts_the_sampled_corpus_once_and_keeps_the_mix_even(tmp_path, text_file, monkeypatch):
+    import surgery.data as data_mod
+
+    src = make_llama(tmp_path / "dense", ffn=96)
+    calls = []
+    real = data_mod.sample_corpus
+    # batches of 2 sequences of 256 tokens (the recipes' 128 would hold this whole test corpus in one)
+    monkeypatch.setattr(data_mod, "sample_corpus", lambda *a, **k: calls.append(k.get("deadline")) or
+                        real(*a, **{**k, "batch_size": 2}))
+    e2e = {"tokens": 2048, "ctx": 64, "batch_size": 2, "lr": 1e-3}
+    path = _recipe(tmp_path, src, text_file, e2e=e2e, calibration_data="mix",
+                   layerwise={"tokens": 256, "ctx": 64, "router_steps": 5},
+                   evaluate={"ctx": 64, "datasets": {str(text_file): 128}}, time_budget_s=0.0)
+    out = tmp_path / "run"
+    report = run_recipe(Recipe.load(path), out, progress=False)
+    # one draw, in the layer-wise stage, for the e2e stage's 1,024 sampled tokens; ended after its first batch
+    assert len(calls) == 1 and calls[0] is not None
+    corpus = torch.load(out / "sampled_corpus.pt", weights_only=True)
+    assert report["time_budget"]["sampling"] == {"sampled_corpus.pt": {"tokens": 512, "asked": 1024}}
+    assert corpus.numel() == 512
+    # the e2e stage drew from an even mix, 512 sampled and 512 WikiText tokens, cycled by its plan
+    assert report["stages"]["e2e"]["corpus_tokens"] == 1024
+    assert report["stages"]["e2e"]["tokens"] == (PLAN_WARMUP + PLAN_STEPS + 1) * 128
+    # a resumed run reads the cut corpus as it is: no second draw
+    run_recipe(Recipe.load(path), out, progress=False)
+    assert len(calls) == 1
