@@ -529,7 +529,8 @@ def run_end_to_end(student, teacher, ids: torch.Tensor, cfg: EndToEndConfig, see
         else:
             opt.load_state_dict(resume_blob["optimizer"])
         start = resume_blob["state"]["step"]
-        steps = min(steps, resume_blob["state"].get("steps", steps))  # a time limit's plan stands
+        if cfg.time_limit_s is not None:  # the plan stands (and is re-made as the run goes on)
+            steps = min(steps, resume_blob["state"].get("steps", steps))
         history = resume_blob["state"].get("history", [])
         snaps = resume_blob["state"].get("snapshots", [])
         elapsed0 = resume_blob["state"].get("seconds", 0.0)

@@ -198,16 +198,18 @@ def _without_baselines(recipe: dict) -> dict:
 # Seconds of the budget kept back from the end-to-end stage's loop for what the stage does around it (loading
 # the student, saving the model).
 BUDGET_RESERVE_S = 15.0
-# Under a kept budget, the share of what is left that text sampled from the dense model may take (a `mix` or
-# `mix-prompted` corpus sized for every e2e token took 9.6 of the 50% recipe's 30 minutes on a 2-core Xeon
-# without AMX, for an e2e stage that then had time for under half of them). Each calibration token of a mix
-# costs 1/(2s) seconds of sampling and 1/e of training; measured e ~ s/2 (Xeon without AMX: e2e 106 tokens/s,
-# sampler 220; AMD EPYC 117 / 210), so the split that trains on every token drawn samples e/(e + 2s) ~ 20%.
+# Under a kept budget, the share of what is left that text sampled from the dense model may take (the 50%
+# recipe's `mix-prompted` corpus, sized for every e2e token, is 126,976 sampled tokens: ~6.7 of its 30 minutes
+# on a 2-core Xeon without AMX, for an e2e stage that then has time for under half of them). Each calibration
+# token of a mix costs 1/(2s) seconds of sampling and 1/e of training, so the split that trains on every token
+# drawn samples e/(e + 2s) of the time: ~14% on that Xeon (e2e e ~106 tokens/s, sampler s ~315 at batch 128),
+# ~26% on the Xeon with AMX (e ~260, bf16 sampler ~375); 20% between the two.
 SAMPLE_SHARE = 0.2
 
 
-def _e2e_time_limit(recipe: Recipe, state: "_State") -> float | None:
-    """The end-to-end loop's time limit under the recipe's budget: what the earlier stages left of it."""
+def _budget_left(recipe: Recipe, state: "_State") -> float | None:
+    """Seconds of the recipe's budget that the finished stages left, less the reserve (None: no budget). The
+    end-to-end loop's time limit; text sampled before it may take SAMPLE_SHARE of it."""
     if recipe.time_budget_s is None:
         return None
     spent = sum(state.data["stages"].get(k, {}).get("seconds", 0) for k in ("profile", "convert", "layerwise"))
@@ -282,10 +284,8 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
 
     def sampling_deadline() -> float | None:
         """Under a kept budget, drawing text may take SAMPLE_SHARE of what the finished stages left of it."""
-        if not time_budget or recipe.time_budget_s is None:
-            return None
-        spent = sum(state.data["stages"].get(k, {}).get("seconds", 0) for k in ("profile", "convert", "layerwise"))
-        return time.time() + SAMPLE_SHARE * max(0.0, recipe.time_budget_s - spent - BUDGET_RESERVE_S)
+        left = _budget_left(recipe, state) if time_budget else None
+        return None if left is None else time.time() + SAMPLE_SHARE * left
 
     # 1. profile
     prof_path = out / "profile.pt"
@@ -327,7 +327,7 @@ def run_recipe(recipe: Recipe, out, progress: bool = True, recipe_path: str | No
             e2e = None
             if s == "e2e":
                 e2e = EndToEndConfig(**recipe.e2e)
-                limit = _e2e_time_limit(recipe, state) if time_budget else None
+                limit = _budget_left(recipe, state) if time_budget else None
                 if limit is not None:
                     e2e.time_limit_s = limit if e2e.time_limit_s is None else min(limit, e2e.time_limit_s)
             cfg = CalibrateConfig(layerwise=LayerwiseConfig(**recipe.layerwise) if s == "layerwise" else None,
@@ -501,8 +501,8 @@ def _static_baseline(recipe: Recipe, src: Path, out: Path, keep: float, get_dens
     info = {"keep": keep, "tokens": 0}
     if recipe.e2e is not None:
         e2e = EndToEndConfig(**recipe.e2e)
-        cfg = EndToEndConfig(tokens=e2e_tokens or e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr, train="all",
-                             ce_weight=e2e.ce_weight, average_tail=e2e.average_tail,  # the recipe's loss too
+        cfg = EndToEndConfig(tokens=e2e_tokens or e2e.tokens, ctx=e2e.ctx, batch_size=e2e.batch_size, lr=e2e.lr,
+                             train="all", ce_weight=e2e.ce_weight, average_tail=e2e.average_tail,  # the recipe's loss
                              compile=e2e.compile)  # and its compiled or eager layers
         r = distil(model, get_dense(), e2e_ids(cfg.tokens), cfg, recipe.seed, progress)
         info.update(tokens=r["tokens"], first_kd=r["first_kd"], last_kd=r["last_kd"])

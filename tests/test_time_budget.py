@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 import surgery
 from surgery import calibrate as calibrate_mod
-from surgery.calibrate import PLAN_EVERY, PLAN_STEPS, PLAN_WARMUP, PLAN_WINDOW, EndToEndConfig, load_checkpoint, planned_steps, run_end_to_end
+from surgery.calibrate import (PLAN_EVERY, PLAN_STEPS, PLAN_WARMUP, PLAN_WINDOW, EndToEndConfig, load_checkpoint,
+                               planned_steps, run_end_to_end)
 from surgery.cli import main
 from surgery.convert import ConvertConfig, convert_model
 from surgery.errors import SurgeryError
